@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment, install the packages (torch pinned to the local CPU wheel) and
+# fetch the corpus; the second time they only check stamps and go straight to work.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+STAMP  := $(VENV)/.installed
+CORPUS := data/corpus/python_docs.jsonl
+PYTEST_ARGS ?=
+
+.PHONY: setup corpus demo test test-fast bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "== set-up: virtual environment in $(VENV) (torch==2.13.0, CPU)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP)  ## virtual environment and packages
+
+$(CORPUS): scripts/get_corpus.py
+	@echo "== set-up: demo corpus (Python 3.11 documentation, from Debian's python3.11-doc)"
+	$(PYTHON) scripts/get_corpus.py --out $(CORPUS)
+
+corpus: $(CORPUS)  ## the demo corpus
+
+demo: setup corpus  ## train a tiny LoopMoE on the CPU, export it and print a sample
+	@bash scripts/demo.sh
+
+test: setup corpus  ## the test suite (CPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup corpus  ## the test suite without the slow tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup corpus  ## benchmarks; results go to docs/benchmarks/
+	$(PY) bench/preprocess.py
+	$(PY) bench/model_step.py
+
+clean:  ## remove the virtual environment and generated data
+	rm -rf $(VENV) data runs

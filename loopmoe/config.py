@@ -1,0 +1,343 @@
+"""One config system: typed dataclasses per section, YAML presets, ``section.key=value`` overrides.
+
+    cfg = load_config("configs/tiny_loopmoe.yaml", ["train.steps=50", "model.loop_iters=3"])
+
+Every field is validated at start-up, before any heavy work; an unknown key or a bad value raises
+``ConfigError`` naming the field (and the file) and how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The model. LoopMoE = prelude -> loop (n_loop shared layers run loop_iters times) -> coda.
+
+    Vanilla MoE: n_loop=0 (all layers unique). Dense: ffn="dense". See docs/model.md and the spec.
+    """
+
+    vocab_size: int = 64000
+    d_model: int = 256
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # grouped-query attention: key/value heads
+    head_dim: int = 64
+    n_prelude: int = 1  # P unique layers before the loop
+    n_loop: int = 1  # K shared layers in the loop block
+    n_coda: int = 1  # C unique layers after the loop
+    loop_iters: int = 2  # R: times the loop block runs
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # FFN: "moe" (fine-grained SwiGLU experts + optional shared experts) or "dense" (one SwiGLU).
+    ffn: Literal["moe", "dense"] = "moe"
+    dense_hidden: int = 1024  # SwiGLU hidden width when ffn="dense"
+    n_experts: int = 8  # routed experts
+    expert_hidden: int = 256  # SwiGLU hidden width of one routed expert
+    top_k: int = 2
+    n_shared_experts: int = 1  # always-on experts, each expert_hidden wide
+    router_score: Literal["topk_then_softmax", "softmax_then_topk"] = "topk_then_softmax"
+    lb_loss_coef: float = 0.01  # load balancing E * sum_i f_i p_i
+    z_loss_coef: float = 0.001  # router z-loss mean(logsumexp^2)
+    aux_free_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (bias for selection only)
+    aux_free_rate: float = 0.001  # bias update step: b_i += rate * sign(mean_load - load_i)
+    capacity_factor: float = 0.0  # 0 = dropless; else tokens beyond capacity*T*k/E per expert dropped
+    dispatch: Literal["index", "einsum"] = "index"  # "einsum" = DeepSpeed's one-hot gate (baseline)
+    # IterAdaLN (loop layers only): which signals modulate the norms, their rank, the gate form.
+    adaln: Literal["both", "iter", "token", "none"] = "both"
+    adaln_rank: int = 64
+    adaln_gate: Literal["one_plus", "zero"] = "one_plus"  # x + (1+g)*f(..) or adaLN-Zero x + g*f(..)
+    input_reinjection: bool = False  # add the loop's input state back at every iteration
+    exit_loss_weights: list[float] = field(default_factory=list)  # aux LM losses at exits 1..R-1
+    linear_backend: Literal["megatron", "te", "torch"] = "megatron"  # see loopmoe/model/layers.py
+
+    @property
+    def n_unique_layers(self) -> int:
+        return self.n_prelude + self.n_loop + self.n_coda
+
+    @property
+    def n_executed_layers(self) -> int:
+        return self.n_prelude + self.loop_iters * self.n_loop + self.n_coda
+
+    @property
+    def is_looped(self) -> bool:
+        return self.n_loop > 0 and self.loop_iters > 1
+
+
+@dataclass
+class DataConfig:
+    """Training samples from Megatron .bin/.idx prefixes (see loopmoe/data)."""
+
+    prefixes: list[str] = field(default_factory=list)  # path prefixes without .bin/.idx
+    weights: list[float] = field(default_factory=list)  # blend weights (empty = equal)
+    split: str = "98,1,1"  # train,valid,test proportions
+    seq_len: int = 256
+    tokenizer_model: str = ""  # sentencepiece .model
+    cache_dir: str = ""  # where dataset indices are cached (default: <run_dir>/data_cache)
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # WSD: length of the final sqrt cool-down (0 = 20% of the steps)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    ds_config: str = "ds_configs/zero1.json"
+    zero_stage: int = -1  # -1 = take it from ds_config
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    pp_split: list[int] = field(default_factory=list)  # layers per stage, empty = loop block in one stage
+    backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
+    timeout_minutes: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # default: <run_dir>/checkpoints
+    interval: int = 500
+    keep_last: int = 3
+    resume: bool = True  # resume from <dir>/latest when present
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = auto (H100 bf16 989, CPU unknown)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() not in ("", "[]") else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in configs")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    sections = _field_types(Config)
+    if section not in sections:
+        raise _unknown(section, list(sections), where)
+    sub = getattr(cfg, section)
+    types_ = _field_types(type(sub))
+    if key not in types_:
+        raise _unknown(key, list(types_), f"{where}: section {section!r}")
+    setattr(sub, key, _coerce(value, types_[key], f"{where}: {section}.{key}"))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (YAML-parsed values: 3, 0.1, true, [1,2])."""
+    for ov in overrides:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise ConfigError(f"override {ov!r}: expected section.key=value, e.g. train.steps=100")
+        path, raw = ov.split("=", 1)
+        section, key = path.split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _apply(cfg, section.strip(), key.strip(), value, f"override {ov!r}")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML preset (``path``) <- overrides; then validate."""
+    cfg = Config()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} not found; presets are in configs/")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, path)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Field-level checks that need no process groups (layout checks live in loopmoe/parallel)."""
+    m = cfg.model
+    for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
+    for name in ("n_prelude", "n_loop", "n_coda"):
+        _check(getattr(m, name) >= 0, f"model.{name} must be >= 0 (got {getattr(m, name)})")
+    _check(m.n_unique_layers > 0, "model: n_prelude + n_loop + n_coda must be > 0")
+    _check(m.loop_iters >= 1, f"model.loop_iters must be >= 1 (got {m.loop_iters})")
+    _check(m.n_heads % m.n_kv_heads == 0,
+           f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    _check(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE")
+    if m.ffn == "moe":
+        _check(m.n_experts >= 1 and m.expert_hidden >= 1, "model.n_experts and model.expert_hidden must be >= 1")
+        _check(1 <= m.top_k <= m.n_experts,
+               f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")
+        _check(m.capacity_factor == 0 or m.capacity_factor > 0,
+               "model.capacity_factor must be 0 (dropless) or > 0")
+    else:
+        _check(m.dense_hidden >= 1, "model.dense_hidden must be >= 1")
+    _check(m.adaln_rank >= 1, "model.adaln_rank must be >= 1")
+    _check(len(m.exit_loss_weights) in (0, max(m.loop_iters - 1, 0)),
+           f"model.exit_loss_weights has {len(m.exit_loss_weights)} entries; give one per early exit "
+           f"(loop_iters - 1 = {m.loop_iters - 1}) or none")
+    d = cfg.data
+    _check(d.seq_len >= 1, "data.seq_len must be >= 1")
+    _check(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(not d.weights or len(d.weights) == len(d.prefixes),
+           f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix")
+    _check(all(w >= 0 for w in d.weights), "data.weights must be >= 0")
+    try:
+        parts = [float(x) for x in d.split.split(",")]
+        _check(len(parts) == 3 and sum(parts) > 0 and min(parts) >= 0, "")
+    except (ValueError, ConfigError):
+        raise ConfigError(f"data.split={d.split!r}: expected three non-negative numbers, e.g. 98,1,1") from None
+    o = cfg.optim
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr}) and lr > 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
+    _check(o.warmup_steps >= 0 and o.decay_steps >= 0, "optim.warmup_steps and optim.decay_steps must be >= 0")
+    t = cfg.train
+    for name in ("steps", "micro_batch", "grad_accum", "log_interval", "eval_interval", "eval_iters"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.zero_stage in (-1, 0, 1, 2), f"train.zero_stage={t.zero_stage}: use 0, 1, 2 (or -1 = from ds_config)")
+    p = cfg.parallel
+    for name in ("tp", "pp", "ep"):
+        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
+    c = cfg.checkpoint
+    _check(c.interval >= 1 and c.keep_last >= 1, "checkpoint.interval and checkpoint.keep_last must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def describe_fields() -> str:
+    """Text for --help: every section and field with its default."""
+    lines = []
+    for sec in dataclasses.fields(Config):
+        sub = sec.default_factory()  # type: ignore[misc]
+        lines.append(f"{sec.name}:  {(type(sub).__doc__ or '').strip().splitlines()[0] if type(sub).__doc__ else ''}")
+        for f in dataclasses.fields(sub):
+            lines.append(f"  {sec.name}.{f.name} = {getattr(sub, f.name)!r}")
+    return "\n".join(lines)
