@@ -1,0 +1,37 @@
+"""Shared fixtures. Every test runs on the CPU; distributed pieces use gloo."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "data", "corpus", "python_docs.jsonl")
+sys.path.insert(0, ROOT)  # data_tools/ and bench/ are importable as top-level packages in tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """A world of one (gloo) with megatron-core's model-parallel groups at TP=PP=1.
+
+    megatron-core's tensor-parallel layers and dataset cache need an initialised process group even
+    in a single process.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    yield
