@@ -1,0 +1,117 @@
+"""Start torch.distributed from whatever launched us: torchrun, srun (Slurm), mpirun (mpi4py), or nothing.
+
+All three paths end in the same place: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
+environment and ``init_process_group(init_method="env://")``, then megatron-core's model-parallel groups.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def detect_env() -> DistEnv:
+    """Find rank and world size, exporting the env:// variables where a launcher did not."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also torchrun inside srun)
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per device
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        # A port derived from the job id, so two jobs sharing a node do not collide.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return DistEnv(rank, world, local, "slurm")
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):  # mpirun
+        from mpi4py import MPI  # only on this path: a plain run must not need MPI
+
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
+        if rank == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            addr = env.get("MASTER_ADDR", socket.gethostname() if world > 1 else "127.0.0.1")
+            master = (addr, env.get("MASTER_PORT", str(port)))
+        else:
+            master = None
+        addr, port = comm.bcast(master, root=0)
+        env.setdefault("MASTER_ADDR", addr)
+        env.setdefault("MASTER_PORT", port)
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return DistEnv(rank, world, local, "mpi")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return DistEnv(0, 1, 0, "single")
+
+
+def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 10) -> DistEnv:
+    """Process group + megatron-core's tensor/pipeline/data groups. Idempotent.
+
+    The time-out bounds every collective: a rank killed mid-step makes the others fail within it
+    instead of hanging the job.
+    """
+    from megatron.core import parallel_state
+
+    denv = detect_env()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(denv.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=denv.rank, world_size=denv.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the group made above
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    log.info("distributed: %s launcher, rank %d of %d, backend %s, TP=%d PP=%d DP=%d", denv.launcher, denv.rank,
+             denv.world_size, backend, tp, pp, parallel_state.get_data_parallel_world_size())
+    return denv
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

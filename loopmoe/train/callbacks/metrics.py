@@ -1,0 +1,111 @@
+"""Console line, JSONL file, TensorBoard scalars and a progress bar (rank 0 only).
+
+Throughput: tokens/s over the logging interval; TFLOP/s = training FLOPs per token (3 x forward, the
+convention in loopmoe/flops.py) x tokens/s per device; MFU = that / the stated peak per device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from loopmoe.train.loop import Callback
+
+log = logging.getLogger(__name__)
+
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, per GPU
+
+
+def default_peak_tflops(precision: str) -> float:
+    """0 = unknown (CPU): MFU is then not reported rather than invented."""
+    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
+        return H100_BF16_PEAK_TFLOPS * (2 if precision == "fp8" else 1)
+    return 0.0
+
+
+class MetricsLogger(Callback):
+    def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
+                 progress_bar: bool):
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self.n_devices = dist.get_world_size() if dist.is_initialized() else 1
+        self.flops_per_token = train_flops_per_token
+        self.peak = peak_tflops
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if self.is_main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
+        self.bar = None
+        self.want_bar = progress_bar and self.is_main and sys.stderr.isatty()
+        self._interval_tokens = 0.0
+        self._interval_start = time.perf_counter()
+
+    def on_train_start(self, trainer) -> None:
+        if self.want_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.cfg.train.steps, initial=trainer.state.step, desc="train", unit="step")
+        self._interval_start = time.perf_counter()
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self._interval_tokens += metrics["tokens"]
+        step = trainer.state.step
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        is_log_step = step % trainer.cfg.train.log_interval == 0 or step == trainer.cfg.train.steps
+        has_val = any(k.startswith("val/") for k in metrics)
+        if not (is_log_step or has_val):
+            return
+        elapsed = time.perf_counter() - self._interval_start
+        tok_s = self._interval_tokens / max(elapsed, 1e-9)
+        self._interval_tokens, self._interval_start = 0.0, time.perf_counter()
+        tflops = self.flops_per_token * tok_s / self.n_devices / 1e12
+        rec = {"step": step, **{k: v for k, v in metrics.items() if k != "tokens"}, "tokens_per_s": tok_s,
+               "tflops_per_device": tflops, "consumed_samples": trainer.state.consumed_samples}
+        if self.peak > 0:
+            rec["mfu"] = tflops / self.peak
+        if torch.cuda.is_available():
+            rec["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import psutil
+
+            rec["mem_gib"] = psutil.Process().memory_info().rss / 2**30
+        if not self.is_main:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+        line = (f"step {step:>6}/{trainer.cfg.train.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                f"aux {rec['lb_loss']:.3f} z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+                f"{tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s"
+                + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.0f})" if "mfu" in rec else " | MFU n/a (peak unknown)")
+                + f" | mem {rec['mem_gib']:.2f} GiB")
+        if has_val:
+            exits = " ".join(f"exit{k[len('val/loss_exit'):]} {v:.4f}" for k, v in rec.items() if k.startswith("val/loss_exit"))
+            line += f"\n  validation: loss {rec['val/loss']:.4f}" + (f" | per exit: {exits}" if exits else "")
+            div = [f"L{k.split('_l')[-1]} {v:.2f}" for k, v in rec.items() if k.startswith("val/divergence_l")]
+            if div:
+                line += " | routing divergence " + ", ".join(div)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

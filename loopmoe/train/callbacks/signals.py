@@ -1,0 +1,28 @@
+"""SIGTERM / SIGUSR1 -> checkpoint at the end of the current step, then stop.
+
+Slurm sends SIGUSR1 ahead of the time limit (``--signal=B:USR1@120``) and SIGTERM on preemption. The
+handler only sets a flag; the loop all-reduces it so every rank stops at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+from loopmoe.train.loop import Callback
+
+log = logging.getLogger(__name__)
+
+
+class StopOnSignal(Callback):
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+
+    def on_train_start(self, trainer) -> None:
+        def handler(signum, _frame):
+            log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+            trainer.state.stop_requested = True
+
+        self._previous = {s: signal.signal(s, handler) for s in self.signals}
+
+    def on_train_end(self, trainer) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,87 @@
+"""Pretrain a LoopMoE (or its Vanilla MoE / dense twins).
+
+    python pretrain_loopmoe.py --config configs/tiny_loopmoe.yaml data.prefixes=data/demo_text_document
+    torchrun --nproc-per-node 2 pretrain_loopmoe.py --config ... train.steps=100
+    srun python pretrain_loopmoe.py --config ...      mpirun -n 2 python pretrain_loopmoe.py --config ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from loopmoe.config import ConfigError, describe_fields, load_config, save_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides are section.key=value; every section, field and default:\n\n" + describe_fields())
+    ap.add_argument("--config", help="a YAML preset (configs/*.yaml); defaults apply to what it leaves out")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 model.loop_iters=3")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)  # every field checked before any heavy work
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from loopmoe.config import to_dict
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+
+    from loopmoe.parallel.distributed import init_distributed, shutdown
+    from loopmoe.train import setup
+    from loopmoe.train.callbacks.checkpointing import CheckpointEvery
+    from loopmoe.train.callbacks.metrics import MetricsLogger, default_peak_tflops
+    from loopmoe.train.callbacks.signals import StopOnSignal
+    from loopmoe.train.callbacks.validation import Validate
+    from loopmoe.train.checkpoint import Checkpointer
+    from loopmoe.train.engine import build_engine
+    from loopmoe.train.loop import Trainer, TrainingDiverged, TrainState
+
+    p = cfg.parallel
+    denv = init_distributed(p.tp, p.pp, p.backend, p.timeout_minutes)
+    setup.setup_logging(denv.rank)
+    setup.seed_everything(cfg.train.seed)
+    run_dir = cfg.logging.run_dir
+    cfg.checkpoint.dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    if denv.is_main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        setup.log.info("run directory %s (resolved config in config.yaml)", run_dir)
+
+    model = setup.build_model(cfg)
+    dp_size = denv.world_size // (p.tp * p.pp)
+    engine, _, _ = build_engine(model, cfg, dp_size)
+    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+    state = TrainState()
+    if cfg.checkpoint.resume and (client := ckpt.load(engine)) is not None:
+        state.step, state.consumed_samples = client["step"], client["consumed_samples"]
+    from megatron.core import parallel_state as ps
+
+    train_batches, valid_batches = setup.build_data(cfg, ps.get_data_parallel_rank(), dp_size, state.consumed_samples)
+    peak = cfg.logging.peak_tflops or default_peak_tflops(cfg.train.precision)
+    callbacks = [StopOnSignal(), Validate(valid_batches),
+                 MetricsLogger(run_dir, setup.train_flops_per_token(cfg), peak, cfg.logging.tensorboard,
+                               cfg.logging.progress_bar),
+                 CheckpointEvery(ckpt)]
+    try:
+        state = Trainer(cfg, engine, model, train_batches, callbacks, state, dp_size).train()
+    except TrainingDiverged as e:
+        setup.log.error("%s", e)
+        shutdown()
+        return 3
+    setup.log.info("done at step %d; checkpoints in %s", state.step, cfg.checkpoint.dir)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
