@@ -117,6 +117,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     ds_config: str = "ds_configs/zero1.json"
     zero_stage: int = -1  # -1 = take it from ds_config
+    exit_interval: int = 0  # like Megatron's --exit-interval: checkpoint and stop when step % N == 0 (0 = off)
 
 
 @dataclass
@@ -311,6 +312,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     for name in ("steps", "micro_batch", "grad_accum", "log_interval", "eval_interval", "eval_iters"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
+    _check(t.exit_interval >= 0, "train.exit_interval must be >= 0 (0 = off)")
     _check(t.zero_stage in (-1, 0, 1, 2), f"train.zero_stage={t.zero_stage}: use 0, 1, 2 (or -1 = from ds_config)")
     p = cfg.parallel
     for name in ("tp", "pp", "ep"):

@@ -87,6 +87,9 @@ class Trainer:
             self.state.step += 1
             self.state.consumed_samples += self.global_batch
             self.state.last = metrics
+            exit_every = self.cfg.train.exit_interval
+            if exit_every and self.state.step % exit_every == 0 and self.state.step < self.cfg.train.steps:
+                self.state.stop_requested = True  # the checkpoint callback saves; the run ends cleanly
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
             if self.state.stop_requested:
