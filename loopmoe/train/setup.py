@@ -47,8 +47,11 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int
         raise SystemExit("error: data.prefixes is empty; give data.prefixes=PREFIX (made by data_tools/preprocess.py)")
     if not cfg.data.cache_dir:
         cfg.data.cache_dir = os.path.join(cfg.logging.run_dir, "data_cache")
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+    if not cfg.data.tokenizer_model:
+        raise SystemExit("error: data.tokenizer_model is empty; give the sentencepiece .model that made the "
+                         "token files (its end-of-document id is needed to build samples)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
         raise SystemExit(f"error: the tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
     gb = cfg.train.micro_batch * cfg.train.grad_accum * dp_size
