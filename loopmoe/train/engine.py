@@ -48,6 +48,7 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None):
     """Returns (engine, optimizer, scheduler). ``mpu`` is megatron-core's parallel_state adapter (TP>1)."""
     import deepspeed
 
+    _check_expert_parallel(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -56,3 +57,17 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None):
     log.info("deepspeed: ZeRO stage %d, micro-batch %d x accumulation %d x DP %d", engine.zero_optimization_stage(),
              cfg.train.micro_batch, cfg.train.grad_accum, dp_size)
     return engine, optimizer, scheduler
+
+
+def _check_expert_parallel(model: nn.Module) -> None:
+    """Expert parameters marked for DeepSpeed's expert-data-parallel groups need an engine that knows the
+    MoE layers; with EP=1 they are ordinary data-parallel parameters, so the marks are dropped."""
+    from deepspeed.moe.utils import is_moe_param
+
+    for name, p in model.named_parameters():
+        if is_moe_param(p):
+            if getattr(p, "group_name", "") != "ep_size_1":
+                raise NotImplementedError(
+                    f"{name}: expert parallelism (parallel.ep > 1) is not wired into the DeepSpeed engine yet; "
+                    "train with parallel.ep=1")
+            del p.allreduce, p.group_name

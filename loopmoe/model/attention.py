@@ -1,0 +1,57 @@
+"""Grouped-query causal self-attention with rotary position embeddings (torch SDPA).
+
+Fused qkv layout (the same for every linear backend; the HF export must use it too): the output
+features are ``n_kv_heads`` groups, each ``[q_1 .. q_{n_heads/n_kv_heads}, k, v]`` x head_dim. A
+column-parallel split across TP ranks therefore hands every rank whole kv-groups (n_kv_heads must
+be divisible by TP), exactly like megatron-core's grouped layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [seq_len, head_dim] (rotate-half convention, as in LLaMA / HF)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd/2]
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [s, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, s, h, hd]; cos/sin [s, hd] -> rotated x [b, s, h, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [s, 1, hd]
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, lin, out_std: float):
+        super().__init__()
+        tp = lin.tp
+        if cfg.n_kv_heads % tp:
+            raise ValueError(f"model.n_kv_heads={cfg.n_kv_heads} must be divisible by TP={tp}")
+        self.head_dim = cfg.head_dim
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
+        self.n_kv_local = cfg.n_kv_heads // tp  # kv heads on this TP rank
+        n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.qkv = lin.column(cfg.d_model, n_qkv, cfg.init_std)  # heads split across TP ranks
+        self.proj = lin.row(cfg.n_heads * cfg.head_dim, cfg.d_model, out_std)  # output all-reduced
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [b, s, n_kv_local * (q_per_kv + 2) * hd]  (full s under sequence parallel)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, :-2].reshape(b, s, -1, self.head_dim)  # [b, s, H_local, hd]
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, KV_local, hd]
+        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        y = F.scaled_dot_product_attention(  # query head h reads kv head h // q_per_kv
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True,
+        )  # [b, H_local, s, hd]
+        return self.proj(y.transpose(1, 2).reshape(b, s, -1))  # [b, s(/tp), d]

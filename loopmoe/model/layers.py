@@ -1,0 +1,208 @@
+"""THE one place that chooses the linear layers: megatron-core tensor-parallel, Transformer Engine, or torch.
+
+    lin = Linears(cfg, sequence_parallel=False)
+    qkv  = lin.column(d, n_out, std)            # output features split across TP ranks
+    proj = lin.row(n_in, d, std)                # input features split across TP ranks, output all-reduced
+    emb  = lin.embedding(vocab, d, std)         # vocabulary split across TP ranks
+    head = lin.column(d, vocab, std, gather_output=True)
+
+Every module returned takes and returns batch-first activations ``[b, s, features]`` and returns a
+tensor (megatron's ``(output, bias)`` tuples are unwrapped here). Nothing else in the model knows
+which backend is in use.
+
+Backends (``ModelConfig.linear_backend``):
+- ``"megatron"`` (default): megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` /
+  ``VocabParallelEmbedding``. Needs ``megatron.core.parallel_state`` initialised (a world of one is
+  enough); the TP size is read from it. Weights are initialised on the CPU path
+  (``use_cpu_initialization=True``): the full master weight is drawn from the global RNG and split,
+  so a model built with the same seed has the same logical weights at every TP size.
+- ``"te"``: Transformer Engine ``te.pytorch.Linear`` for the block linears (attention, shared and
+  dense FFN), for FP8 on Hopper GPUs. Embedding and LM head stay megatron-core (kept in high
+  precision, as is usual for FP8 recipes); routed experts are our stacked weights (not FP8 yet).
+- ``"torch"``: plain ``nn.Embedding`` / ``nn.Linear``; single process (TP=1) only. Used for
+  meta-device parameter/FLOP counting and as the reference in tests.
+
+Sequence parallelism (megatron's, TP>1 only): activations between the TP regions are split along the
+sequence (``[b, s/tp, d]``). Megatron and TE gather/scatter along dim 0, i.e. they expect
+``[s, b, h]``; the wrappers below transpose around the library call so the model stays batch-first.
+Parameters outside TP linears that then see only a sequence shard (norms, router, experts, IterAdaLN)
+get ``param.sequence_parallel = True`` (megatron's convention) so the parallel wrapper all-reduces
+their gradients over the TP group (see ``mark_sequence_parallel``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+FP8_HELP = (
+    "linear_backend='te' (FP8) needs Transformer Engine and a CUDA GPU (FP8 needs a Hopper GPU, e.g. "
+    "H100): install it there with `pip install .[fp8]`, or use linear_backend='megatron' (default) or "
+    "'torch'."
+)
+
+
+def normal_init(std: float):
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+def tp_size() -> int:
+    """Tensor-parallel world size from megatron-core's parallel_state (1 when it is not initialised)."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:  # pragma: no cover
+        return 1
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def megatron_config(cfg, sequence_parallel: bool = False):
+    """A minimal megatron-core ``TransformerConfig`` mirroring our ModelConfig (the TP linears read it;
+    megatron's pipeline schedules also want one on the model)."""
+    from megatron.core.transformer import TransformerConfig
+
+    tp = tp_size()
+    return TransformerConfig(
+        num_layers=cfg.n_executed_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
+        num_query_groups=cfg.n_kv_heads, kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.dense_hidden if cfg.ffn == "dense" else cfg.expert_hidden,
+        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
+        use_cpu_initialization=True, perform_initialization=True,
+        params_dtype=torch.get_default_dtype(), gradient_accumulation_fusion=False,
+    )
+
+
+def _seq_first(fn, x: torch.Tensor, sp: bool) -> torch.Tensor:
+    """Run ``fn`` on ``[s, b, h]`` when sequence parallel (the libraries split dim 0), else as is."""
+    if not sp:
+        return fn(x)
+    return fn(x.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """[..., n/tp] -> [..., n] over the TP group; backward keeps this rank's slice. (megatron's own
+    gather_output allocates on ``torch.cuda.current_device()``, which fails on CPU-only machines.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
+
+
+@functools.cache
+def _megatron_classes():
+    from megatron.core import tensor_parallel as mtp
+
+    # megatron's linears save an empty ``_extra_state`` (a TE-compatibility slot): we drop it so every
+    # backend has the same state-dict keys (loading still accepts it).
+    class Column(mtp.ColumnParallelLinear):
+        get_extra_state = nn.Module.get_extra_state
+
+        def forward(self, x):  # [b, s(/tp), in] -> [b, s, out/tp] (or [b, s, out] with gather_out)
+            y = _seq_first(lambda t: super(Column, self).forward(t)[0], x, self.sequence_parallel)
+            return _GatherLastDim.apply(y, self.tp_group) if self.gather_out else y
+
+    class Row(mtp.RowParallelLinear):
+        get_extra_state = nn.Module.get_extra_state
+
+        def forward(self, x):  # [b, s, in/tp] -> [b, s(/tp), out]
+            return _seq_first(lambda t: super(Row, self).forward(t)[0], x, self.sequence_parallel)
+
+    class Embedding(mtp.VocabParallelEmbedding):
+        def forward(self, tokens):  # [b, s] -> [b, s(/tp), d]
+            out = super().forward(tokens)  # with reduce_scatter_embeddings: [s/tp, b, d]
+            return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+    return Column, Row, Embedding
+
+
+@functools.cache
+def _te_class(te):
+    class TELinear(te.Linear):
+        def forward(self, x):  # batch-first in and out, like the megatron wrappers
+            return _seq_first(lambda t: super(TELinear, self).forward(t), x, self.sequence_parallel)
+
+    return TELinear
+
+
+class Linears:
+    """Factory for the model's linear layers and embedding; see the module docstring."""
+
+    def __init__(self, cfg, sequence_parallel: bool = False):
+        self.backend = cfg.linear_backend
+        if self.backend not in ("megatron", "te", "torch"):
+            raise ValueError(f"model.linear_backend={self.backend!r}: use 'megatron', 'te' or 'torch'")
+        self.tp = 1 if self.backend == "torch" else tp_size()
+        self.sequence_parallel = bool(sequence_parallel) and self.tp > 1
+        if self.backend == "te":
+            if not torch.cuda.is_available():
+                raise RuntimeError(FP8_HELP + " No CUDA device is visible here.")
+            try:
+                import transformer_engine.pytorch as te  # only ever imported in this branch
+            except ImportError as e:
+                raise RuntimeError(FP8_HELP + f" (import failed: {e})") from e
+            self._te = te
+        if self.backend == "torch" and sequence_parallel:
+            raise ValueError("sequence_parallel needs linear_backend='megatron' or 'te' (TP > 1)")
+        self.mcore = megatron_config(cfg, self.sequence_parallel) if self.backend != "torch" else None
+
+    def column(self, n_in: int, n_out: int, std: float, gather_output: bool = False) -> nn.Module:
+        if self.backend == "torch":
+            return _torch_linear(n_in, n_out, std)
+        if self.backend == "te" and not gather_output:
+            return self._te_linear(n_in, n_out, std, "column")
+        Column, _, _ = _megatron_classes()
+        col = Column(n_in, n_out, config=self.mcore, init_method=normal_init(std), bias=False)
+        col.gather_out = gather_output and self.tp > 1
+        return col
+
+    def row(self, n_in: int, n_out: int, std: float) -> nn.Module:
+        if self.backend == "torch":
+            return _torch_linear(n_in, n_out, std)
+        if self.backend == "te":
+            return self._te_linear(n_in, n_out, std, "row")
+        _, Row, _ = _megatron_classes()
+        return Row(n_in, n_out, config=self.mcore, init_method=normal_init(std), bias=False,
+                   input_is_parallel=True, skip_bias_add=False)
+
+    def embedding(self, vocab: int, d: int, std: float) -> nn.Module:
+        if vocab % self.tp:
+            raise ValueError(f"model.vocab_size={vocab} must be divisible by TP={self.tp} (pad the vocabulary)")
+        if self.backend == "torch":
+            emb = nn.Embedding(vocab, d)
+            nn.init.normal_(emb.weight, 0.0, std)
+            return emb
+        _, _, Embedding = _megatron_classes()
+        return Embedding(vocab, d, init_method=normal_init(std), config=self.mcore,
+                         reduce_scatter_embeddings=self.sequence_parallel)
+
+    def _te_linear(self, n_in: int, n_out: int, std: float, mode: str) -> nn.Module:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        tp = self.tp > 1  # shards drawn from megatron's TP RNG tracker (model_parallel_cuda_manual_seed)
+        return _te_class(self._te)(
+            n_in, n_out, bias=False, init_method=normal_init(std), sequence_parallel=self.sequence_parallel,
+            tp_group=ps.get_tensor_model_parallel_group() if tp else None, tp_size=self.tp,
+            get_rng_state_tracker=get_cuda_rng_tracker if tp else None, parallel_mode=mode,
+            params_dtype=torch.get_default_dtype())
+
+    def mark_sequence_parallel(self, module: nn.Module) -> None:
+        """Tag replicated parameters that see only a sequence shard (their grads need a TP all-reduce)."""
+        if not self.sequence_parallel:
+            return
+        for p in module.parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                p.sequence_parallel = True
+
+
+def _torch_linear(n_in: int, n_out: int, std: float) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out, bias=False)
+    nn.init.normal_(lin.weight, 0.0, std)
+    return lin

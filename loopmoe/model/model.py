@@ -1,0 +1,200 @@
+"""LoopMoE: embedding -> prelude -> loop (shared layers, R iterations) -> coda -> RMSNorm -> LM head.
+
+    P unique prelude layers, K shared loop layers run R = loop_iters times, C unique coda layers:
+    executed layers P + R*K + C. Vanilla MoE: n_loop=0. Dense (looped or not): ffn="dense".
+    Loop layers modulate their norms with IterAdaLN(iteration k, token state); with
+    input_reinjection the loop input x0 is added back before every iteration after the first.
+
+Shapes: b batch, s sequence, d d_model, V vocabulary, T = b*s tokens, E experts, k top-k, r adaln rank.
+Spec: /work/shared/loopmoe-spec.md; docs: docs/model.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopmoe.model.attention import Attention, rope_cache
+from loopmoe.model.iter_adaln import IterAdaLN, IterEmbed, modulate
+from loopmoe.model.layers import Linears
+from loopmoe.model.moe import MoE, SwiGLU
+
+
+@dataclass
+class RoutingRecord:
+    layer: int  # unique layer index in model.layers order
+    iteration: int  # 0-based loop iteration (0 for prelude/coda layers)
+    topk: torch.Tensor  # [T, k] experts chosen for each token
+    load: torch.Tensor  # [E] token-slots per expert
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [b, s, V]
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss + sum_k w_k * exit_losses[k]
+    lm_loss: torch.Tensor | None = None  # CE, mean over loss_mask
+    aux_loss: torch.Tensor | None = None  # lb_loss_coef * lb_loss + z_loss_coef * z_loss
+    lb_loss: torch.Tensor | None = None  # unweighted, summed over every executed MoE pass
+    z_loss: torch.Tensor | None = None  # unweighted, summed over every executed MoE pass
+    routing: list[RoutingRecord] = field(default_factory=list)
+    exit_logits: list[torch.Tensor] | None = None  # logits after iteration 1..R (last == logits)
+    exit_losses: list[torch.Tensor] | None = None  # CE at the early exits 1..R-1 (when labels given)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer; with ``adaln`` (loop layers only) IterAdaLN modulates both norms."""
+
+    def __init__(self, cfg, lin: Linears, out_std: float, adaln: bool, ep_size: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, lin, out_std)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.ffn == "moe":
+            self.ffn = MoE(cfg, lin, out_std, ep_size)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden, lin, cfg.init_std, out_std)
+        self.adaln = (IterAdaLN(cfg.d_model, cfg.adaln_rank, cfg.adaln, cfg.adaln_gate, cfg.norm_eps)
+                      if adaln else None)
+
+    def forward(self, x, rope, e_k=None, forced_topk=None):  # x [b, s, d] -> ([b, s, d], Routing | None)
+        if self.adaln is None:
+            x = x + self.attn(self.attn_norm(x), *rope)
+            y, routing = self._ffn(self.ffn_norm(x), forced_topk)
+            return x + y, routing
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(x, e_k)  # 6 x [b, s, d]
+        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope)
+        y, routing = self._ffn(modulate(self.ffn_norm(x), shift_f, scale_f), forced_topk)  # router sees this
+        return x + self.adaln.gate(gate_f) * y, routing
+
+    def _ffn(self, x, forced_topk):
+        if isinstance(self.ffn, MoE):
+            return self.ffn(x, forced_topk)
+        return self.ffn(x), None
+
+
+class LoopMoEModel(nn.Module):
+    def __init__(self, cfg, *, ep_size: int = 1, sequence_parallel: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        lin = Linears(cfg, sequence_parallel)  # the only place that knows the linear backend
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_executed_layers)  # residual-branch outputs
+        adaln = cfg.adaln != "none"
+
+        def blocks(n, in_loop=False):
+            return nn.ModuleList(Block(cfg, lin, out_std, adaln and in_loop, ep_size) for _ in range(n))
+
+        self.embed = lin.embedding(cfg.vocab_size, cfg.d_model, cfg.init_std)
+        self.prelude = blocks(cfg.n_prelude)
+        self.loop = blocks(cfg.n_loop, in_loop=True)
+        self.coda = blocks(cfg.n_coda)
+        self.iter_embed = (IterEmbed(cfg.adaln_rank)
+                           if cfg.n_loop and cfg.adaln in ("both", "iter") else None)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = lin.column(cfg.d_model, cfg.vocab_size, cfg.init_std, gather_output=True)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.n_iters = cfg.loop_iters if cfg.n_loop else 1  # R (1 when there is no loop)
+        self.sequence_parallel = lin.sequence_parallel
+        lin.mark_sequence_parallel(self)
+
+    @property
+    def layers(self) -> list[Block]:
+        """Unique blocks in order prelude, loop, coda (RoutingRecord.layer indexes this list)."""
+        return [*self.prelude, *self.loop, *self.coda]
+
+    def forward(self, tokens, labels=None, loss_mask=None, return_routing=False, exit_logits=False,
+                exit_after=None, force_routing=None) -> ModelOutput:
+        cfg, R = self.cfg, self.n_iters
+        if exit_after is not None and not 1 <= exit_after <= R:
+            raise ValueError(f"exit_after={exit_after} must be in 1..{R} (loop iterations)")
+        n_iters = R if exit_after is None else exit_after
+        want_exit_losses = labels is not None and any(w != 0 for w in cfg.exit_loss_weights)
+        run = _Run(self, force_routing or {}, return_routing)
+
+        h = self.embed(tokens)  # [b, s, d]
+        for i, blk in enumerate(self.prelude):
+            h = run.block(blk, i, 0, h)
+        x0 = h  # the loop's input state (for re-injection)
+        exits = []  # logits after iterations 1..n_iters-1, [b, s, V] each
+        for it in range(n_iters):
+            if it > 0 and cfg.input_reinjection:
+                h = h + x0  # re-inject the loop input before every iteration after the first
+            e_k = self.iter_embed(it) if self.iter_embed is not None else None  # [r]
+            for j, blk in enumerate(self.loop):
+                h = run.block(blk, cfg.n_prelude + j, it, h, e_k)
+            if it < n_iters - 1 and (exit_logits or want_exit_losses):
+                exits.append(self._coda_head(h, run, record=False))  # early exit read-out
+        logits = self._coda_head(h, run, record=True)  # [b, s, V]
+
+        out = ModelOutput(logits=logits, lb_loss=run.lb, z_loss=run.z, routing=run.records,
+                          exit_logits=[*exits, logits] if exit_logits else None)
+        out.aux_loss = cfg.lb_loss_coef * run.lb + cfg.z_loss_coef * run.z
+        if labels is not None:
+            out.lm_loss = lm_loss(logits, labels, loss_mask)
+            out.loss = out.lm_loss + out.aux_loss
+            if exits:
+                out.exit_losses = [lm_loss(x, labels, loss_mask) for x in exits]
+                for w, l in zip(cfg.exit_loss_weights, out.exit_losses):
+                    out.loss = out.loss + w * l
+        return out
+
+    def _coda_head(self, h, run, record: bool):
+        for c, blk in enumerate(self.coda):
+            h = run.block(blk, self.cfg.n_prelude + self.cfg.n_loop + c, 0, h, record=record)
+        return self.head(self.norm(h))  # [b, s, V]
+
+    @torch.no_grad()
+    def update_router_biases(self, groups=None) -> None:
+        """Aux-loss-free balancing step (call after optimizer.step()): b_i += rate*sign(mean - load_i)
+        per router, from the loads of every training pass since the last call. Loads are summed over
+        ``groups`` first so all ranks keep the same bias; default: megatron's data-parallel group, plus
+        the TP group under sequence parallelism (TP ranks then route different tokens)."""
+        if not (self.cfg.ffn == "moe" and self.cfg.aux_free_bias):
+            return
+        if groups is None:
+            groups = []
+            from_megatron = torch.distributed.is_initialized() and self.cfg.linear_backend != "torch"
+            if from_megatron:
+                from megatron.core import parallel_state as ps
+
+                if ps.model_parallel_is_initialized():
+                    groups.append(ps.get_data_parallel_group())
+                    if self.sequence_parallel:
+                        groups.append(ps.get_tensor_model_parallel_group())
+        for blk in self.layers:
+            blk.ffn.router.update_bias(self.cfg.aux_free_rate, groups)
+
+
+class _Run:
+    """Per-forward bookkeeping: forced routing lookup, aux-loss sums, routing records."""
+
+    def __init__(self, model: LoopMoEModel, force: dict, return_routing: bool):
+        self.model, self.force, self.return_routing = model, force, return_routing
+        self.lb = torch.zeros((), device=model.norm.weight.device)
+        self.z = torch.zeros((), device=model.norm.weight.device)
+        self.records: list[RoutingRecord] = []
+
+    def block(self, blk: Block, layer: int, it: int, h, e_k=None, record: bool = True):
+        forced = self.force.get((layer, it)) if record else None
+        rope = (self.model.rope_cos, self.model.rope_sin)
+        h, r = blk(h, rope, e_k, forced)
+        if r is not None:  # every executed MoE pass counts for the aux losses
+            self.lb, self.z = self.lb + r.lb, self.z + r.z
+            if record and self.return_routing:
+                self.records.append(RoutingRecord(layer, it, r.topk, r.load))
+        return h
+
+
+def lm_loss(logits, labels, loss_mask=None):
+    """Cross-entropy (fp32) averaged over loss_mask; labels are already shifted (next tokens)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [b*s]
+    if loss_mask is None:
+        return ce.mean()
+    mask = loss_mask.flatten().float()
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
