@@ -59,7 +59,8 @@ def test_short_run_loss_falls_and_metrics_are_written(tmp_path, token_prefix):
                 "optim.lr=3e-3")
     recs = metrics(run)
     train_recs = [r for r in recs if "loss" in r]
-    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 1.0, [r["loss"] for r in train_recs]
+    # From ln(1024) = 6.93 at initialisation; 60 steps of a 64-wide model get well below it.
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5, [r["loss"] for r in train_recs]
     for key in ("loss", "lm_loss", "lb_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device",
                 "mem_gib"):
         assert key in train_recs[-1], key
@@ -87,15 +88,14 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, token_prefix):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, token_prefix):
+    """A learning rate of 1e9 with no warm-up or clipping: step 1 is finite, step 2's loss is NaN."""
     run = tmp_path / "run"
-    train(run, *token_prefix, "train.steps=4", "checkpoint.interval=2")
-    # Resume with a learning rate so large that the loss overflows within a few steps.
-    out = train(run, *token_prefix, "train.steps=40", "checkpoint.interval=1000", "optim.lr=1e9", "optim.min_lr=1e9",
-                "optim.warmup_steps=0", "optim.grad_clip=1e9", check=False)
+    out = train(run, *token_prefix, "train.steps=40", "checkpoint.interval=1", "optim.lr=1e9", "optim.min_lr=1e9",
+                "optim.warmup_steps=0", "optim.grad_clip=1e9", "train.log_interval=1", check=False)
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "loss is nan" in out.stdout.lower() or "loss is inf" in out.stdout.lower()
-    assert "at step" in out.stdout
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert "loss is nan at step 2" in out.stdout.lower() or "loss is inf at step 2" in out.stdout.lower(), out.stdout[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (run / "checkpoints" / "step_00000002").exists()
 
 
 def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, token_prefix):

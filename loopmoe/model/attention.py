@@ -43,15 +43,55 @@ class Attention(nn.Module):
         self.qkv = lin.column(cfg.d_model, n_qkv, cfg.init_std)  # heads split across TP ranks
         self.proj = lin.row(cfg.n_heads * cfg.head_dim, cfg.d_model, out_std)  # output all-reduced
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: "LayerKV | None" = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, n_kv_local * (q_per_kv + 2) * hd]  (full s under sequence parallel)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, :-2].reshape(b, s, -1, self.head_dim)  # [b, s, H_local, hd]
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, KV_local, hd]
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        past = kv.length if kv is not None else 0  # positions already in the cache
+        cos, sin = cos[past:past + s], sin[past:past + s]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
+        mask = None
+        if kv is not None:
+            k, v = kv.append(k, v)  # [b, KV_local, past + s, hd]
+            if past and s > 1:  # new queries see the whole past and, causally, each other
+                mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(  # query head h reads kv head h // q_per_kv
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            q, k, v, attn_mask=mask, is_causal=past == 0 and s > 1,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True,
         )  # [b, H_local, s, hd]
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))  # [b, s(/tp), d]
+
+
+class LayerKV:
+    """Keys and values of one executed attention layer (a loop layer has one per iteration)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None  # [b, KV_local, t, hd]
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """One LayerKV per executed layer, keyed (unique layer index, iteration): P + R*K + C entries."""
+
+    def __init__(self):
+        self.layers: dict[tuple[int, int], LayerKV] = {}
+
+    def layer(self, layer: int, iteration: int) -> LayerKV:
+        return self.layers.setdefault((layer, iteration), LayerKV())
+
+    @property
+    def length(self) -> int:
+        return max((kv.length for kv in self.layers.values()), default=0)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopmoe.model.attention import Attention, rope_cache
+from loopmoe.model.attention import Attention, KVCache, rope_cache
 from loopmoe.model.iter_adaln import IterAdaLN, IterEmbed, modulate
 from loopmoe.model.layers import Linears
 from loopmoe.model.moe import MoE, SwiGLU
@@ -59,13 +59,13 @@ class Block(nn.Module):
         self.adaln = (IterAdaLN(cfg.d_model, cfg.adaln_rank, cfg.adaln, cfg.adaln_gate, cfg.norm_eps)
                       if adaln else None)
 
-    def forward(self, x, rope, e_k=None, forced_topk=None):  # x [b, s, d] -> ([b, s, d], Routing | None)
+    def forward(self, x, rope, e_k=None, forced_topk=None, kv=None):  # x [b, s, d] -> ([b, s, d], Routing | None)
         if self.adaln is None:
-            x = x + self.attn(self.attn_norm(x), *rope)
+            x = x + self.attn(self.attn_norm(x), *rope, kv)
             y, routing = self._ffn(self.ffn_norm(x), forced_topk)
             return x + y, routing
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(x, e_k)  # 6 x [b, s, d]
-        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope)
+        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope, kv)
         y, routing = self._ffn(modulate(self.ffn_norm(x), shift_f, scale_f), forced_topk)  # router sees this
         return x + self.adaln.gate(gate_f) * y, routing
 
@@ -109,13 +109,14 @@ class LoopMoEModel(nn.Module):
         return [*self.prelude, *self.loop, *self.coda]
 
     def forward(self, tokens, labels=None, loss_mask=None, return_routing=False, exit_logits=False,
-                exit_after=None, force_routing=None) -> ModelOutput:
+                exit_after=None, force_routing=None, cache: KVCache | None = None) -> ModelOutput:
+        """``cache``: a KVCache for incremental decoding; ``tokens`` are then the new positions only."""
         cfg, R = self.cfg, self.n_iters
         if exit_after is not None and not 1 <= exit_after <= R:
             raise ValueError(f"exit_after={exit_after} must be in 1..{R} (loop iterations)")
         n_iters = R if exit_after is None else exit_after
         want_exit_losses = labels is not None and any(w != 0 for w in cfg.exit_loss_weights)
-        run = _Run(self, force_routing or {}, return_routing)
+        run = _Run(self, force_routing or {}, return_routing, cache)
 
         h = self.embed(tokens)  # [b, s, d]
         for i, blk in enumerate(self.prelude):
@@ -174,8 +175,8 @@ class LoopMoEModel(nn.Module):
 class _Run:
     """Per-forward bookkeeping: forced routing lookup, aux-loss sums, routing records."""
 
-    def __init__(self, model: LoopMoEModel, force: dict, return_routing: bool):
-        self.model, self.force, self.return_routing = model, force, return_routing
+    def __init__(self, model: LoopMoEModel, force: dict, return_routing: bool, cache: KVCache | None):
+        self.model, self.force, self.return_routing, self.cache = model, force, return_routing, cache
         self.lb = torch.zeros((), device=model.norm.weight.device)
         self.z = torch.zeros((), device=model.norm.weight.device)
         self.records: list[RoutingRecord] = []
@@ -183,7 +184,8 @@ class _Run:
     def block(self, blk: Block, layer: int, it: int, h, e_k=None, record: bool = True):
         forced = self.force.get((layer, it)) if record else None
         rope = (self.model.rope_cos, self.model.rope_sin)
-        h, r = blk(h, rope, e_k, forced)
+        kv = self.cache.layer(layer, it) if self.cache is not None and record else None
+        h, r = blk(h, rope, e_k, forced, kv)
         if r is not None:  # every executed MoE pass counts for the aux losses
             self.lb, self.z = self.lb + r.lb, self.z + r.z
             if record and self.return_routing:

@@ -121,3 +121,32 @@ class Checkpointer:
         tags = sorted(t for t in os.listdir(self.dir) if t.startswith("step_"))
         for old in tags[: -self.keep_last]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+
+
+def resolve_checkpoint(path: str, tag: str | None = None) -> str:
+    """A run's checkpoint directory (uses ``latest``) or one step directory -> the step directory."""
+    if os.path.exists(os.path.join(path, "config.yaml")) and os.path.basename(path.rstrip("/")).startswith("step_"):
+        return path
+    tag = tag or read_latest(path)
+    if tag is None:
+        raise FileNotFoundError(f"{path}: no 'latest' file and no step_* directory given; pass a checkpoint "
+                                "directory written by pretrain_loopmoe.py (or one of its step_* folders)")
+    return os.path.join(path, tag)
+
+
+def load_trained_model(path: str, tag: str | None = None, linear_backend: str = "torch"):
+    """(model in eval mode, Config) from a single-layout checkpoint, without process groups.
+
+    Reads the model weights DeepSpeed saved (``mp_rank_00_model_states.pt``, key ``module``) and the
+    config saved beside them. The state-dict keys are the same for every linear backend.
+    """
+    from loopmoe.config import load_config
+    from loopmoe.model import LoopMoEModel
+
+    step_dir = resolve_checkpoint(path, tag)
+    cfg = load_config(os.path.join(step_dir, "config.yaml"))
+    cfg.model.linear_backend = linear_backend
+    states = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    model = LoopMoEModel(cfg.model)
+    model.load_state_dict(states["module"])
+    return model.eval(), cfg

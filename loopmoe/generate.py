@@ -1,0 +1,92 @@
+"""Sample text from a training checkpoint, with a KV cache and optional exit at a loop boundary.
+
+    python -m loopmoe.generate --checkpoint runs/demo/checkpoints --prompt "The Python standard library"
+    python -m loopmoe.generate --checkpoint ... --prompt ... --greedy --exit-after 1   # run 1 of R iterations
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from loopmoe.model.attention import KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+                ) -> torch.Tensor:
+    """logits [b, V] -> next token ids [b]. temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             eos_id: int | None = None, use_cache: bool = True, exit_after: int | None = None,
+             seed: int | None = None) -> torch.Tensor:
+    """prompt_ids [b, s] -> [b, s + n]. With ``exit_after`` = k every token runs only k loop iterations
+    (the cache then holds k entries per loop layer, consistently for all positions)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    cache = KVCache() if use_cache else None
+    ids = prompt_ids
+    step_input = ids
+    max_len = model.cfg.max_seq_len
+    for _ in range(max_new_tokens):
+        if ids.shape[1] >= max_len:
+            break
+        logits = model(step_input if use_cache else ids, cache=cache, exit_after=exit_after).logits[:, -1]  # [b, V]
+        nxt = sample_next(logits, temperature, top_k, gen)  # [b]
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        step_input = nxt[:, None]
+        if eos_id is not None and bool((nxt == eos_id).all()):
+            break
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (uses 'latest') or a step_* dir")
+    ap.add_argument("--tag", help="step directory name inside --checkpoint (default: latest)")
+    ap.add_argument("--prompt", default="", help="text to continue (default: empty, starts from BOS)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer_model of the checkpoint's config)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=40, help="sample among the k most likely; 0 = all (default: %(default)s)")
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    ap.add_argument("--exit-after", type=int, help="run only this many loop iterations (early exit at a loop boundary)")
+    ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (for checking)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    args = ap.parse_args(argv)
+
+    import sentencepiece as spm
+
+    from loopmoe.train.checkpoint import load_trained_model
+
+    model, cfg = load_trained_model(args.checkpoint, args.tag)
+    tok_path = args.tokenizer or cfg.data.tokenizer_model
+    if not tok_path:
+        print("error: the checkpoint's config names no tokenizer; pass --tokenizer PATH.model", file=sys.stderr)
+        return 2
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
+    t0 = time.perf_counter()
+    out = generate(model, torch.tensor([ids]), args.max_new_tokens, 0.0 if args.greedy else args.temperature,
+                   args.top_k, eos_id=sp.eos_id(), use_cache=not args.no_cache, exit_after=args.exit_after,
+                   seed=args.seed)
+    dt = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    print(f"--- prompt: {args.prompt!r}")
+    print(args.prompt + sp.decode(new))
+    print(f"--- {len(new)} tokens in {dt:.2f} s ({len(new) / max(dt, 1e-9):.1f} tokens/s)"
+          + (f", exit after loop iteration {args.exit_after}" if args.exit_after else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
