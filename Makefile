@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 CORPUS := data/corpus/python_docs.jsonl
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus demo test test-fast bench clean help
+.PHONY: setup corpus demo test test-fast bench slurm-up clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,9 @@ test-fast: setup corpus  ## the test suite without the slow tests
 bench: setup corpus  ## benchmarks; results go to docs/benchmarks/
 	$(PY) bench/preprocess.py
 	$(PY) bench/model_step.py
+
+slurm-up:  ## start a one-node Slurm cluster on localhost for the Slurm tests (root; Debian packages)
+	bash scripts/slurm_up.sh
 
 clean:  ## remove the virtual environment and generated data
 	rm -rf $(VENV) data runs
