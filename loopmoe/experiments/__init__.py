@@ -1,0 +1,1 @@
+"""Experiments that train several models and write a report (``python -m loopmoe.experiments.compare``)."""
