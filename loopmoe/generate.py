@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (uses 'latest') or a step_* dir")
     ap.add_argument("--tag", help="step directory name inside --checkpoint (default: latest)")
-    ap.add_argument("--prompt", default="", help="text to continue (default: empty, starts from BOS)")
+    ap.add_argument("--prompt", default="", help="text to continue (default: empty; the context starts with EOS, "
+                    "as a new document does in the training data)")
     ap.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer_model of the checkpoint's config)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the checkpoint's config names no tokenizer; pass --tokenizer PATH.model", file=sys.stderr)
         return 2
     sp = spm.SentencePieceProcessor(model_file=tok_path)
-    ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
+    # Training data has no BOS: documents are separated by EOS, so a new text starts after an EOS.
+    ids = [sp.eos_id()] + sp.encode(args.prompt)
     t0 = time.perf_counter()
     out = generate(model, torch.tensor([ids]), args.max_new_tokens, 0.0 if args.greedy else args.temperature,
                    args.top_k, eos_id=sp.eos_id(), use_cache=not args.no_cache, exit_after=args.exit_after,
