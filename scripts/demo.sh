@@ -12,29 +12,54 @@ CORPUS=data/corpus/python_docs.jsonl
 mkdir -p "$OUT"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "1/4 tokenizer: sentencepiece BPE, 4096 pieces, trained on $CORPUS"
+say "1/6 tokenizer: sentencepiece BPE, 4096 pieces, trained on $CORPUS"
 if [ ! -f "$OUT/tokenizer.model" ]; then
   $PY data_tools/train_tokenizer.py --input "$CORPUS" --vocab-size 4096 --output-prefix "$OUT/tokenizer"
 else echo "exists: $OUT/tokenizer.model"; fi
 
-say "2/4 preprocess: $CORPUS -> Megatron .bin/.idx (2 workers)"
+say "2/6 preprocess: $CORPUS -> Megatron .bin/.idx (2 workers)"
 if [ ! -f "$OUT/python_docs_text_document.idx" ]; then
   $PY data_tools/preprocess.py --input "$CORPUS" --json-keys text --tokenizer-model "$OUT/tokenizer.model" \
     --output-prefix "$OUT/python_docs" --append-eod --workers 2
 else echo "exists: $OUT/python_docs_text_document.{bin,idx}"; fi
 
-say "3/4 train: tiny LoopMoE (1 prelude + 2 loop layers x 2 iterations + 1 coda), $STEPS steps on the CPU"
+say "3/6 train: tiny LoopMoE (1 prelude + 2 loop layers x 2 iterations + 1 coda), $STEPS steps on the CPU"
 rm -rf "$RUN"
 $PY pretrain_loopmoe.py --config configs/tiny_loopmoe.yaml \
   data.prefixes="$OUT/python_docs_text_document" data.tokenizer_model="$OUT/tokenizer.model" \
   logging.run_dir="$RUN" train.steps="$STEPS" checkpoint.interval=100
 
-say "4/4 sample from the checkpoint (KV cache; temperature 0.8, top-k 40)"
+say "4/6 sample from the checkpoint (KV cache; temperature 0.8, top-k 40)"
 $PY -m loopmoe.generate --checkpoint "$RUN/checkpoints" --prompt "The Python standard library" \
   --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
+
+say "5/6 export to Hugging Face format, then sample through transformers (trust_remote_code)"
+$PY -m loopmoe.export.hf --checkpoint "$RUN/checkpoints" --out "$RUN/hf"
+$PY - "$RUN/hf" <<'PYEOF'
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+prompt = "The Python standard library"
+ids = tok(prompt, return_tensors="pt").input_ids
+ids = torch.cat([torch.tensor([[tok.eos_token_id]]), ids], dim=1)  # a new document starts after EOS
+torch.manual_seed(0)
+out = model.generate(ids, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40,
+                     pad_token_id=tok.pad_token_id)
+print(f"--- transformers {type(model).__name__} sample:")
+print(tok.decode(out[0, 1:], skip_special_tokens=True))
+PYEOF
+
+say "6/6 lm-evaluation-harness on the export (the shipped 20-question task; offline)"
+$PY -m loopmoe.eval --model "$RUN/hf" --tasks loopmoe_tiny_mc
+echo "the paper's nine benchmarks, once their data files are local (see docs/export.md):"
+echo "  $PY -m loopmoe.eval --model $RUN/hf --tasks loopmoe_paper --data-dir DATA_DIR"
+echo "or plain lm-eval: lm_eval --model hf --model_args pretrained=$RUN/hf,trust_remote_code=True --tasks piqa"
 
 say "artefacts"
 echo "tokenizer:    $OUT/tokenizer.model"
 echo "token files:  $OUT/python_docs_text_document.{bin,idx}"
 echo "run:          $RUN (config.yaml, metrics.jsonl, tensorboard/)"
 echo "checkpoints:  $RUN/checkpoints (latest -> $(cat "$RUN/checkpoints/latest"))"
+echo "export:       $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
