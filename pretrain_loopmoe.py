@@ -25,8 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from loopmoe.parallel.layout import validate_layout, world_size_from_env
+
     try:
         cfg = load_config(args.config, args.overrides)  # every field checked before any heavy work
+        layout = validate_layout(cfg, world_size_from_env())  # TP x PP x DP, heads, experts, stages
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from loopmoe.parallel.distributed import init_distributed, shutdown
+    from loopmoe.parallel.parallelize import parallelize
+    from loopmoe.parallel.pipeline import PipelineEvalModel
     from loopmoe.train import setup
     from loopmoe.train.callbacks.checkpointing import CheckpointEvery
     from loopmoe.train.callbacks.metrics import MetricsLogger, default_peak_tflops
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from loopmoe.train.loop import Trainer, TrainingDiverged, TrainState
 
     p = cfg.parallel
-    denv = init_distributed(p.tp, p.pp, p.backend, p.timeout_minutes)
+    denv = init_distributed(p.tp, p.pp, p.backend, p.timeout_minutes, ep=p.ep)
+    assert denv.world_size == layout.world, f"launcher world {denv.world_size} != {layout.world} from the environment"
     setup.setup_logging(denv.rank)
     setup.seed_everything(cfg.train.seed)
     run_dir = cfg.logging.run_dir
@@ -57,23 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
         setup.log.info("run directory %s (resolved config in config.yaml)", run_dir)
 
-    model = setup.build_model(cfg)
-    dp_size = denv.world_size // (p.tp * p.pp)
-    engine, _, _ = build_engine(model, cfg, dp_size)
+    module = parallelize(setup.build_model(cfg, layout), cfg, layout)  # the model, or this rank's PP stage
+    engine, _, _ = build_engine(module, cfg, layout)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     state = TrainState()
     if cfg.checkpoint.resume and (client := ckpt.load(engine)) is not None:
         state.step, state.consumed_samples = client["step"], client["consumed_samples"]
     from megatron.core import parallel_state as ps
 
-    train_batches, valid_batches = setup.build_data(cfg, ps.get_data_parallel_rank(), dp_size, state.consumed_samples)
+    train_batches, valid_batches = setup.build_data(cfg, ps.get_data_parallel_rank(), layout.dp, state.consumed_samples)
     peak = cfg.logging.peak_tflops or default_peak_tflops(cfg.train.precision)
     callbacks = [StopOnSignal(), Validate(valid_batches),
                  MetricsLogger(run_dir, setup.train_flops_per_token(cfg), peak, cfg.logging.tensorboard,
                                cfg.logging.progress_bar),
                  CheckpointEvery(ckpt)]
+    stage = module if layout.pp > 1 else None
+    model = PipelineEvalModel(stage) if stage is not None else module  # what validation calls
     try:
-        state = Trainer(cfg, engine, model, train_batches, callbacks, state, dp_size).train()
+        state = Trainer(cfg, engine, model, train_batches, callbacks, state, layout=layout, stage=stage).train()
     except TrainingDiverged as e:
         setup.log.error("%s", e)
         shutdown()

@@ -82,13 +82,18 @@ def detect_env() -> DistEnv:
     return DistEnv(0, 1, 0, "single")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 10) -> DistEnv:
-    """Process group + megatron-core's tensor/pipeline/data groups. Idempotent.
+def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 10,
+                     ep: int = 1) -> DistEnv:
+    """Process group + megatron-core's tensor/pipeline/data groups (+ DeepSpeed's expert groups inside
+    the data-parallel group when ``ep`` > 1, see groups.py). Idempotent.
 
     The time-out bounds every collective: a rank killed mid-step makes the others fail within it
-    instead of hanging the job.
+    instead of hanging the job. Where CUDA is absent, megatron's CPU adapter is installed
+    (megatron_cpu_adapter.py).
     """
     from megatron.core import parallel_state
+
+    from loopmoe.parallel import megatron_cpu_adapter
 
     denv = detect_env()
     if backend == "auto":
@@ -101,16 +106,24 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the group made above
+    megatron_cpu_adapter.install()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    log.info("distributed: %s launcher, rank %d of %d, backend %s, TP=%d PP=%d DP=%d", denv.launcher, denv.rank,
-             denv.world_size, backend, tp, pp, parallel_state.get_data_parallel_world_size())
+    if ep > 1:
+        from loopmoe.parallel.groups import create_expert_groups
+
+        create_expert_groups(ep)
+    log.info("distributed: %s launcher, rank %d of %d, backend %s, TP=%d PP=%d DP=%d EP=%d", denv.launcher,
+             denv.rank, denv.world_size, backend, tp, pp, parallel_state.get_data_parallel_world_size(), ep)
     return denv
 
 
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    from loopmoe.parallel.groups import destroy_expert_groups
+
+    destroy_expert_groups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

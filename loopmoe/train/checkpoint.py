@@ -1,14 +1,39 @@
-"""Atomic, resumable checkpoints through DeepSpeed's checkpoint API.
+"""Atomic, resumable, layout-independent checkpoints (megatron-core ``dist_checkpointing``).
 
 Layout of ``checkpoint.dir``::
 
-    step_00000100/      DeepSpeed's files (model, ZeRO optimizer partitions, scheduler, client state)
-                        + rng_rank{r}.pt (every rank's RNG states) + config.yaml
+    step_00000100/
+      dist/             megatron-core dist_checkpointing (torch_dist): every tensor under its GLOBAL name
+                        and shape, written as shards with global offsets by the ranks that own them
+      rng_rank{r}.pt    every rank's RNG states
+      config.yaml       the run's resolved config
     latest              text file naming the newest complete step directory; moved LAST
     .tmp/               where a save is written before its rename; a crash leaves debris only here
 
 A kill -9 at any moment leaves ``latest`` pointing at a complete checkpoint: the step directory is renamed
 into place only once every rank has finished writing, and ``latest`` is replaced (write + rename) after.
+
+What is saved, and what reshards (save under one TP/PP/EP/DP/ZeRO layout, load under any other):
+
+| key in dist/                      | content                                             | sharded by            |
+|-----------------------------------|-----------------------------------------------------|-----------------------|
+| ``model.<name>``                  | parameters and persistent buffers (router bias)     | TP dim, EP expert dim |
+| ``optim.exp_avg.<name>``          | AdamW first moment, per parameter                   | same as the parameter |
+| ``optim.exp_avg_sq.<name>``       | AdamW second moment, per parameter                  | same as the parameter |
+| ``optim.master.<name>``           | fp32 master weight (only when the model is not fp32)| same as the parameter |
+| common (rank 0)                   | AdamW step, scheduler position, engine counters, client state (step, consumed samples) | - |
+
+Names are the full model's (a pipeline stage keeps them), shapes global (TP shards are cut along
+megatron's ``partition_dim``, EP shards along the expert dimension), so every layout reads the same keys
+and megatron reshards on load. The optimizer state is taken out of DeepSpeed per parameter: under ZeRO-1/2
+each parameter's fragment of the flat fp32 partition (``param._hp_mapping``) is summed over the partition
+group (zeros elsewhere) into the parameter's full state; loading writes each rank's fragment back. The
+scheduler is restored by position (its lambda recomputes every group's learning rate), so a layout with
+other optimizer groups (EP splits the experts into their own) loads too. Same layout: bitwise resume.
+Precision: fp32 (any ZeRO stage) and bf16 with ZeRO 1/2; DeepSpeed's bf16 ZeRO-0 optimizer is not handled.
+
+``load_trained_model`` reads the model weights without process groups (torch.distributed.checkpoint,
+single process) into the full unsharded model, whatever layout wrote them.
 """
 from __future__ import annotations
 
@@ -24,6 +49,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+DIST = "dist"
+FORMAT = "loopmoe-dist-1"
+_OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _barrier() -> None:
@@ -70,6 +98,148 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Where each local tensor sits in the global one
+
+
+class _Placement:
+    """Global placement of one parameter (or buffer) of this rank: TP / EP shard axis and replica id."""
+
+    def __init__(self, name: str, t: torch.Tensor):
+        from deepspeed.moe.utils import is_moe_param
+        from deepspeed.utils import groups as dsg
+        from megatron.core import parallel_state as ps
+
+        self.offsets: list[tuple[int, int, int]] = []
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        if getattr(t, "tensor_model_parallel", False):
+            assert getattr(t, "partition_stride", 1) == 1, f"{name}: strided TP partitions are not supported"
+            self.offsets.append((t.partition_dim, tp_rank, ps.get_tensor_model_parallel_world_size()))
+            tp_replica = 0
+        else:
+            tp_replica = tp_rank
+        if isinstance(t, torch.nn.Parameter) and is_moe_param(t):  # an EP shard of the expert dimension
+            g = t.group_name
+            self.offsets.append((0, dsg._get_expert_parallel_rank(g), dsg._get_expert_parallel_world_size(g)))
+            self.replica_id = (tp_replica, dsg._get_expert_data_parallel_rank(g))
+        else:
+            self.replica_id = (tp_replica, ps.get_data_parallel_rank())
+
+    def sharded(self, key: str, data: torch.Tensor):
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        return ShardedTensor.from_rank_offsets(key, data, *self.offsets, replica_id=self.replica_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer state per parameter, out of (and back into) DeepSpeed
+
+
+def _is_zero(opt) -> bool:
+    return hasattr(opt, "single_partition_of_fp32_groups")
+
+
+def _base_optimizer(opt):
+    return opt.optimizer if _is_zero(opt) else opt
+
+
+def _zero_fragment(opt, p, key: str | None):
+    """(view of this rank's fragment in the flat state or master, its [start, numel] in the flat param,
+    the partition group) for a ZeRO-1/2 parameter, or None when this rank holds none of it."""
+    m = getattr(p, "_hp_mapping", None)
+    if m is None:
+        return None
+    flat = opt.single_partition_of_fp32_groups[m.param_group_index]
+    src = flat if key is None else opt.optimizer.state[flat][key]
+    hp = m.hp_fragment_address
+    return src.narrow(0, hp.start, hp.numel), m.lp_fragment_address
+
+
+def _partition_group(opt, p):
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups as dsg
+    from megatron.core import parallel_state as ps
+
+    if is_moe_param(p):
+        return dsg._get_expert_data_parallel_group(p.group_name)
+    return ps.get_data_parallel_group()
+
+
+def _get_state(opt, p, key: str | None) -> torch.Tensor:
+    """The full fp32 state ``key`` (None = master weight) of parameter ``p`` on this rank (collective under
+    ZeRO: every rank of the partition group calls it in the same order)."""
+    if not _is_zero(opt):
+        if key is None:
+            return p.detach().float().clone()
+        st = opt.state.get(p, {})
+        return st[key].float().clone() if key in st else torch.zeros_like(p, dtype=torch.float32)
+    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    frag = _zero_fragment(opt, p, key)
+    if frag is not None:
+        src, lp = frag
+        full.narrow(0, lp.start, lp.numel).copy_(src)
+    group = _partition_group(opt, p)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(full, group=group)
+    return full.view_as(p)
+
+
+def _set_state(opt, p, key: str | None, value: torch.Tensor, step: float) -> None:
+    if not _is_zero(opt):
+        if key is None:
+            return  # the plain optimizer's master weight is the parameter itself
+        st = opt.state[p]
+        if "step" not in st:
+            st["step"] = torch.tensor(step, dtype=torch.float32)
+            for k in _OPT_KEYS:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st[key].copy_(value.view_as(p))
+        return
+    m = getattr(p, "_hp_mapping", None)
+    if m is None:
+        return
+    flat = opt.single_partition_of_fp32_groups[m.param_group_index]
+    st = opt.optimizer.state[flat]
+    if "step" not in st:  # a fresh engine: create AdamW's state for the flat partition
+        st["step"] = torch.tensor(step, dtype=torch.float32)
+        for k in _OPT_KEYS:
+            st[k] = torch.zeros_like(flat)
+    dst, lp = _zero_fragment(opt, p, key)
+    dst.copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+
+
+def _optimizer_step(opt) -> float:
+    steps = {float(s["step"]) for s in _base_optimizer(opt).state.values() if "step" in s}
+    if len(steps) > 1:
+        log.warning("checkpoint: optimizer states have different step counts %s; saving the largest", steps)
+    return max(steps, default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sharded state dict
+
+
+def _model_tensors(module):
+    """(name, tensor) for parameters and persistent buffers, by the full model's names."""
+    params = dict(module.named_parameters())
+    for name, t in module.state_dict(keep_vars=True).items():
+        yield name, params.get(name, t)
+
+
+def sharded_state_dict(engine, with_optimizer: bool = True) -> dict:
+    module, opt = engine.module, engine.optimizer
+    master = with_optimizer and any(p.dtype != torch.float32 for p in module.parameters())
+    sd = {}
+    for name, t in _model_tensors(module):
+        place = _Placement(name, t)
+        sd[f"model.{name}"] = place.sharded(f"model.{name}", t.detach())
+        if with_optimizer and isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            for key in _OPT_KEYS + ((None,) if master else ()):
+                k = f"optim.{key or 'master'}.{name}"
+                sd[k] = place.sharded(k, _get_state(opt, t, key))
+    return sd
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int = 3):
         self.dir = ckpt_dir
@@ -78,22 +248,35 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict, config_yaml: str | None = None) -> str:
         """Collective: every rank calls it. Returns the final directory."""
+        from megatron.core import dist_checkpointing
+
+        from loopmoe.parallel.megatron_cpu_adapter import cuda_to_cpu
+
         tag = step_tag(step)
         tmp_root = os.path.join(self.dir, ".tmp")
+        work = os.path.join(tmp_root, tag)
         final = os.path.join(self.dir, tag)
         if self.rank == 0:
-            shutil.rmtree(os.path.join(tmp_root, tag), ignore_errors=True)
-            os.makedirs(tmp_root, exist_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(os.path.join(work, DIST))
         _barrier()
-        engine.save_checkpoint(tmp_root, tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), os.path.join(tmp_root, tag, f"rng_rank{self.rank}.pt"))
+        sd = sharded_state_dict(engine)
+        sd["common"] = {
+            "format": FORMAT, "client_state": client_state, "optimizer_step": _optimizer_step(engine.optimizer),
+            "scheduler": {k: engine.lr_scheduler.state_dict()[k] for k in ("last_epoch", "_step_count")},
+            "engine": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")},
+            "has_master": any(k.startswith("optim.master.") for k in sd),
+        }
+        with cuda_to_cpu():
+            dist_checkpointing.save(sd, os.path.join(work, DIST))
+        torch.save(rng_state(), os.path.join(work, f"rng_rank{self.rank}.pt"))
         if self.rank == 0 and config_yaml is not None:
-            _write_atomic(os.path.join(tmp_root, tag, "config.yaml"), config_yaml)
+            _write_atomic(os.path.join(work, "config.yaml"), config_yaml)
         _barrier()  # every rank's shards are on disk
         if self.rank == 0:
             if os.path.exists(final):  # a re-save of the same step (e.g. a signal right after an interval save)
                 shutil.rmtree(final)
-            os.replace(os.path.join(tmp_root, tag), final)
+            os.replace(work, final)
             _write_atomic(os.path.join(self.dir, LATEST), tag)
             self._prune()
         _barrier()
@@ -101,19 +284,21 @@ class Checkpointer:
         return final
 
     def load(self, engine, tag: str | None = None) -> dict | None:
-        """Restore model, optimizer, scheduler and this rank's RNG; return the client state (or None)."""
+        """Restore model, optimizer, scheduler and this rank's RNG; return the client state (or None).
+        The checkpoint may come from any TP/PP/EP/DP/ZeRO layout."""
         tag = tag or read_latest(self.dir)
         if tag is None:
             return None
-        path, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")
-        rng_file = os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt")
+        path = os.path.join(self.dir, tag)
+        if not os.path.isdir(os.path.join(path, DIST)):
+            return load_weights_only(engine, path)
+        common = load_checkpoint_state(engine, path)
+        rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             log.warning("checkpoint: %s missing (saved with another world size?); RNG not restored", rng_file)
+        client_state = common["client_state"]
         log.info("checkpoint: resumed from %s (step %s)", path, client_state.get("step"))
         return client_state
 
@@ -121,6 +306,90 @@ class Checkpointer:
         tags = sorted(t for t in os.listdir(self.dir) if t.startswith("step_"))
         for old in tags[: -self.keep_last]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+
+
+@torch.no_grad()
+def load_checkpoint_state(engine, step_dir: str) -> dict:
+    """Load model weights, optimizer state, scheduler position and engine counters into ``engine`` (any
+    layout) from ``step_dir``; returns the common state."""
+    from megatron.core import dist_checkpointing
+
+    from loopmoe.parallel.megatron_cpu_adapter import cuda_to_cpu
+
+    d = os.path.join(step_dir, DIST)
+    common = dist_checkpointing.load_common_state_dict(d)["common"]
+    if common.get("format") != FORMAT:
+        raise RuntimeError(f"{d}: checkpoint format {common.get('format')!r}, expected {FORMAT!r}")
+    module, opt = engine.module, engine.optimizer
+    sd = {}
+    for name, t in _model_tensors(module):
+        place = _Placement(name, t)
+        sd[f"model.{name}"] = place.sharded(f"model.{name}", torch.empty_like(t))
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            for key in _OPT_KEYS + ((None,) if common["has_master"] else ()):
+                k = f"optim.{key or 'master'}.{name}"
+                sd[k] = place.sharded(k, torch.empty_like(t, dtype=torch.float32))
+    with cuda_to_cpu():
+        loaded = dist_checkpointing.load(sd, d)
+    step = float(common["optimizer_step"])
+    params = dict(module.named_parameters())
+    for name, t in _model_tensors(module):
+        t.data.copy_(loaded[f"model.{name}"])
+    if _is_zero(opt) and not common["has_master"]:
+        opt.refresh_fp32_params()  # fp32 training: the master weights are the parameters
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        if common["has_master"]:
+            _set_state(opt, p, None, loaded[f"optim.master.{name}"], step)
+        for key in _OPT_KEYS:
+            _set_state(opt, p, key, loaded[f"optim.{key}.{name}"], step)
+    if _is_zero(opt):
+        for flat in opt.single_partition_of_fp32_groups:  # also partitions that hold no fragment here
+            st = opt.optimizer.state[flat]
+            if "step" not in st:
+                st.update({k: torch.zeros_like(flat) for k in _OPT_KEYS})
+            st["step"] = torch.tensor(step, dtype=torch.float32)
+    sched = engine.lr_scheduler
+    sched.last_epoch = common["scheduler"]["last_epoch"]
+    sched._step_count = common["scheduler"]["_step_count"]
+    lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+    for k in ("global_steps", "global_samples", "skipped_steps"):
+        setattr(engine, k, common["engine"][k])
+    # micro-steps count this layout's accumulation (another layout may accumulate over other DP sizes)
+    engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
+    return common
+
+
+def load_weights_only(engine, step_dir: str) -> dict:
+    """Start from a weights-only checkpoint (``mp_rank_00_model_states.pt``: the older DeepSpeed format, or
+    ``python -m loopmoe.export.to_training`` from a Hugging Face folder): the full state dict is cut into this
+    rank's TP / EP / PP shards; the optimizer starts fresh, the scheduler at the file's step."""
+    f = os.path.join(step_dir, "mp_rank_00_model_states.pt")
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{step_dir}: neither {DIST}/ (a Checkpointer checkpoint) nor {os.path.basename(f)} "
+                                "(weights only)")
+    states = torch.load(f, map_location="cpu", weights_only=False)
+    full = states["module"]
+    with torch.no_grad():
+        for name, t in _model_tensors(engine.module):
+            w = full[name]
+            for axis, rank, n in _Placement(name, t).offsets:
+                w = w.chunk(n, dim=axis)[rank]
+            t.data.copy_(w)
+    if _is_zero(engine.optimizer):
+        engine.optimizer.refresh_fp32_params()
+    step = int(states.get("step", states.get("global_steps", 0)) or 0)
+    sched = engine.lr_scheduler
+    for _ in range(step):  # the schedule's position; the optimizer state is new
+        sched.step()
+    engine.global_steps = step
+    engine.micro_steps = step * engine.gradient_accumulation_steps()
+    log.warning("checkpoint: %s holds weights only; the optimizer state starts fresh (step %d)", step_dir, step)
+    return {"step": step, "consumed_samples": int(states.get("consumed_samples", 0) or 0)}
 
 
 def resolve_checkpoint(path: str, tag: str | None = None) -> str:
@@ -135,18 +404,29 @@ def resolve_checkpoint(path: str, tag: str | None = None) -> str:
 
 
 def load_trained_model(path: str, tag: str | None = None, linear_backend: str = "torch"):
-    """(model in eval mode, Config) from a single-layout checkpoint, without process groups.
-
-    Reads the model weights DeepSpeed saved (``mp_rank_00_model_states.pt``, key ``module``) and the
-    config saved beside them. The state-dict keys are the same for every linear backend.
-    """
+    """(the FULL unsharded model in eval mode, Config) from a checkpoint of any layout, without process
+    groups: the weights are read from ``dist/`` by torch.distributed.checkpoint in this process alone
+    (it reassembles TP/EP/PP shards by their global offsets). The state-dict keys are the same for every
+    linear backend. Older DeepSpeed-format checkpoints (``mp_rank_00_model_states.pt``) still load."""
     from loopmoe.config import load_config
     from loopmoe.model import LoopMoEModel
 
     step_dir = resolve_checkpoint(path, tag)
     cfg = load_config(os.path.join(step_dir, "config.yaml"))
     cfg.model.linear_backend = linear_backend
-    states = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     model = LoopMoEModel(cfg.model)
-    model.load_state_dict(states["module"])
+    if os.path.isdir(os.path.join(step_dir, DIST)):
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+            dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(step_dir, DIST)), no_dist=True)
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    else:
+        states = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        model.load_state_dict(states["module"])
     return model.eval(), cfg

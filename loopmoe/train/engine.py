@@ -44,30 +44,113 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     return ds
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, mpu=None):
-    """Returns (engine, optimizer, scheduler). ``mpu`` is megatron-core's parallel_state adapter (TP>1)."""
+def build_engine(model: nn.Module, cfg: Config, layout):
+    """Returns (engine, optimizer, scheduler) for the module ``parallelize`` returned.
+
+    DeepSpeed sees megatron's groups through ``MegatronMPU`` (TP/PP/DP) and the expert groups through
+    the MoE modules ``parallelize`` made visible (EP). With ZeRO 0 the engine's gradient clipping is
+    replaced by ``clip_grad_norm_`` below: DeepSpeed's averages the norms of EP ranks (their expert
+    shards differ) instead of summing their squares. With PP the engine is used for the DP reduction
+    and the optimizer step only (pipeline_step); the schedule runs the forward and backward.
+    """
+    import types
+
     import deepspeed
+
+    from loopmoe.parallel.groups import MegatronMPU
 
     _check_expert_parallel(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    mpu = MegatronMPU()
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dp_size), mpu=mpu,
-        dist_init_required=False)
-    log.info("deepspeed: ZeRO stage %d, micro-batch %d x accumulation %d x DP %d", engine.zero_optimization_stage(),
-             cfg.train.micro_batch, cfg.train.grad_accum, dp_size)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, layout.dp),
+        mpu=mpu, dist_init_required=False)
+    if engine.zero_optimization_stage() == 0:
+        engine.clip_fp32_gradients = types.MethodType(
+            lambda eng: setattr(eng, "_global_grad_norm", clip_grad_norm_(eng.module, eng.gradient_clipping())),
+            engine)
+    log.info("deepspeed: ZeRO stage %d, micro-batch %d x accumulation %d x DP %d (%s)", engine.zero_optimization_stage(),
+             cfg.train.micro_batch, cfg.train.grad_accum, layout.dp, layout.describe())
     return engine, optimizer, scheduler
 
 
 def _check_expert_parallel(model: nn.Module) -> None:
-    """Expert parameters marked for DeepSpeed's expert-data-parallel groups need an engine that knows the
-    MoE layers; with EP=1 they are ordinary data-parallel parameters, so the marks are dropped."""
+    """Expert parameters marked for DeepSpeed's expert-data-parallel groups need the MoE modules made
+    visible to the engine (parallelize); with EP=1 they are ordinary data-parallel parameters, so the
+    marks are dropped."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
     from deepspeed.moe.utils import is_moe_param
 
+    visible = any(isinstance(m, DeepSpeedMoE) for m in model.modules())
     for name, p in model.named_parameters():
         if is_moe_param(p):
-            if getattr(p, "group_name", "") != "ep_size_1":
-                raise NotImplementedError(
-                    f"{name}: expert parallelism (parallel.ep > 1) is not wired into the DeepSpeed engine yet; "
-                    "train with parallel.ep=1")
-            del p.allreduce, p.group_name
+            if getattr(p, "group_name", "") == "ep_size_1":
+                del p.allreduce, p.group_name
+            elif not visible:
+                raise RuntimeError(f"{name}: expert-parallel parameters but the model was not parallelized; "
+                                   "call loopmoe.parallel.parallelize.parallelize(model, cfg, layout) first")
+
+
+@torch.no_grad()
+def global_grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, after the data-parallel reduction: TP-sharded parameters
+    counted on every TP rank, replicated ones on TP rank 0, summed over TP x PP (megatron's model-parallel
+    group); expert parameters (different on every EP rank) also summed over the expert-parallel group."""
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups as dsg
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    dev = next(module.parameters()).device
+    dense = torch.zeros((), dtype=torch.float64, device=dev)
+    experts: dict[str, torch.Tensor] = {}
+    for p in module.parameters():
+        if p.grad is None or not (tp_rank == 0 or getattr(p, "tensor_model_parallel", False)):
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_moe_param(p):
+            experts[p.group_name] = experts.get(p.group_name, torch.zeros((), dtype=torch.float64, device=dev)) + sq
+        else:
+            dense += sq
+    for name in sorted(experts):
+        dist.all_reduce(experts[name], group=dsg._get_expert_parallel_group(name))
+        dense += experts[name]
+    dist.all_reduce(dense, group=ps.get_model_parallel_group())
+    return dense.sqrt().float()
+
+
+def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
+    norm = global_grad_norm(module)
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (norm.item() + 1e-6))
+        if coef < 1.0:
+            for p in module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
+
+
+def pipeline_step(engine, stage, batches, cfg: Config, step: int, before_step=None) -> torch.Tensor:
+    """One optimizer step under PP: megatron's 1F1B schedule over grad_accum micro-batches, then
+    DeepSpeed's data-parallel reduction (ZeRO 0: its bucketed all-reduce; ZeRO 1: reduce to the
+    partition owners) and step. Returns this rank's metric sums (see pipeline_forward_backward);
+    a non-finite loss raises TrainingDiverged before the optimizer step."""
+    from loopmoe.parallel.pipeline import pipeline_forward_backward
+    from loopmoe.train.loop import check_finite
+
+    opt = engine.optimizer
+    if hasattr(opt, "clear_backward_seen_flag"):
+        opt.clear_backward_seen_flag()
+    sums = pipeline_forward_backward(stage, batches, cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len)
+    check_finite(sums[0], step)
+    engine.set_gradient_accumulation_boundary(True)
+    if engine.zero_optimization_stage() == 1:
+        opt.reduce_gradients(pipeline_parallel=True)
+    else:
+        engine.buffered_allreduce_fallback()
+    if before_step is not None:
+        before_step()
+    engine.step()
+    return sums

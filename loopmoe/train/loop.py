@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,27 +30,56 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
 
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Raise TrainingDiverged on every rank if the loss is not finite on any rank (collective)."""
+    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        bad = bad.to(dev)
+        dist.all_reduce(bad)
+    if bad.item() > 0:  # before the optimizer step: no NaN reaches the weights or the optimizer state
+        raise TrainingDiverged(f"loss is {value} at step {step}; stopping. The last good checkpoint is "
+                               "kept: lower optim.lr or raise optim.warmup_steps and resume.")
+
+
 class Trainer:
+    """``layout`` (loopmoe.parallel.layout.Layout) None = one process. Under PP, ``stage`` is this rank's
+    PipelineStage (the engine's module) and ``model`` what validation calls (PipelineEvalModel)."""
+
     def __init__(self, cfg, engine, model, train_batches: Iterator[dict[str, torch.Tensor]],
-                 callbacks: list[Callback], state: TrainState | None = None, dp_size: int = 1):
+                 callbacks: list[Callback], state: TrainState | None = None, dp_size: int = 1,
+                 layout=None, stage=None):
         self.cfg, self.engine, self.model = cfg, engine, model
         self.batches = train_batches
         self.callbacks = callbacks
         self.state = state or TrainState()
-        self.dp_size = dp_size
-        self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_size
+        self.layout, self.stage = layout, stage
+        self.dp_size = layout.dp if layout is not None else dp_size
+        self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.dp_size
+        self.before_optimizer_step = None  # called once per step after the gradient reduction (tests)
 
     def train_step(self) -> dict[str, float]:
+        from loopmoe.parallel.parallelize import backward_loss
+
         t0 = time.perf_counter()
-        sums = torch.zeros(4)  # loss, lm_loss, lb_loss, z_loss summed over micro-batches
-        for _ in range(self.cfg.train.grad_accum):
-            batch = next(self.batches)
-            out = self.engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
-            self._check_finite(out.loss)
-            self.engine.backward(out.loss)
-            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.lb_loss.detach(),
-                                 out.z_loss.detach()]).float().cpu()
+        if self.stage is not None:  # PP: megatron's schedule + DeepSpeed's reduction and step
+            from loopmoe.train.engine import pipeline_step
+
+            sums = pipeline_step(self.engine, self.stage, self.batches, self.cfg, self.state.step + 1,
+                                 self.before_optimizer_step)
+        else:
+            sums = torch.zeros(4)  # loss, lm_loss, lb_loss, z_loss summed over micro-batches
+            for i in range(self.cfg.train.grad_accum):
+                batch = next(self.batches)
+                out = self.engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+                check_finite(out.loss, self.state.step + 1)
+                self.engine.backward(backward_loss(out, self.layout) if self.layout is not None else out.loss)
+                if i == self.cfg.train.grad_accum - 1 and self.before_optimizer_step is not None:
+                    self.before_optimizer_step()
+                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+                sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.lb_loss.detach(),
+                                     out.z_loss.detach()]).float().cpu()
         self.model.update_router_biases()  # aux-loss-free balancing: after the optimizer step, once per step
         # One all-reduce carries the metrics and the stop flag (a signal may reach only some ranks).
         packed = torch.cat([sums / self.cfg.train.grad_accum, torch.tensor([float(self.state.stop_requested)])])
@@ -59,7 +88,9 @@ class Trainer:
             packed = packed.to(dev)
             dist.all_reduce(packed)
             packed = packed.cpu()
-            packed[:4] /= dist.get_world_size()
+            # every model replica's metrics appear on TP x DP ranks (lm on the last stage; aux per stage)
+            pp = self.layout.pp if self.layout is not None else 1
+            packed[:4] /= dist.get_world_size() // pp
         self.state.stop_requested = bool(packed[4] > 0)
         grad_norm = self.engine.get_global_grad_norm()
         return {"loss": packed[0].item(), "lm_loss": packed[1].item(), "lb_loss": packed[2].item(),
@@ -67,16 +98,6 @@ class Trainer:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "step_time": time.perf_counter() - t0,
                 "tokens": float(self.global_batch * self.cfg.data.seq_len)}
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            bad = bad.to(dev)
-            dist.all_reduce(bad)
-        if bad.item() > 0:  # before backward: no NaN reaches the weights or the optimizer state
-            raise TrainingDiverged(f"loss is {loss.item()} at step {self.state.step + 1}; stopping. The last good "
-                                   "checkpoint is kept: lower optim.lr or raise optim.warmup_steps and resume.")
 
     def train(self) -> TrainState:
         for cb in self.callbacks:

@@ -31,10 +31,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _batches(dataset, sampler) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated micro-batches, on this rank's GPU when there is one (init_distributed set the device)."""
     from loopmoe.data.sampler import collate
 
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     for indices in sampler:
-        yield collate([dataset[i] for i in indices])
+        batch = collate([dataset[i] for i in indices])
+        yield {k: v.to(dev, non_blocking=True) for k, v in batch.items()} if dev is not None else batch
 
 
 def build_data(cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int
@@ -66,12 +69,18 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int
     return _batches(train, train_sampler), valid_batches
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The plain model, seeded identically on every rank (parallelism is applied from outside)."""
+def build_model(cfg: Config, layout=None) -> torch.nn.Module:
+    """The plain model, seeded identically on every rank (parallelism is applied from outside by
+    loopmoe.parallel.parallelize). With a ``layout`` the model is built for it: TP linears from
+    megatron's parallel_state, this EP rank's expert slice, sequence-parallel marks. Every rank draws
+    the full set of weights from the same seed, so the logical model is the same at every layout."""
     from loopmoe.model import LoopMoEModel
 
     torch.manual_seed(cfg.train.seed)
-    model = LoopMoEModel(cfg.model)
+    if layout is None:
+        model = LoopMoEModel(cfg.model)
+    else:
+        model = LoopMoEModel(cfg.model, ep_size=layout.ep, sequence_parallel=layout.sequence_parallel)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters (this rank), %d unique / %d executed layers",
              "LoopMoE" if cfg.model.is_looped else ("MoE" if cfg.model.ffn == "moe" else "dense"), n / 1e6,
