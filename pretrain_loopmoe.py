@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loopmoe.train.callbacks.signals import catch_early_signals
+
+    catch_early_signals()  # a Slurm USR1/TERM during start-up must not kill the job before it can checkpoint
     args = parse_args(argv)
     from loopmoe.parallel.layout import validate_layout, world_size_from_env
 
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     denv = init_distributed(p.tp, p.pp, p.backend, p.timeout_minutes, ep=p.ep)
     assert denv.world_size == layout.world, f"launcher world {denv.world_size} != {layout.world} from the environment"
     setup.setup_logging(denv.rank)
+    setup.log.info("distributed: %s launcher, rank %d of %d, TP=%d PP=%d EP=%d DP=%d", denv.launcher, denv.rank,
+                   denv.world_size, p.tp, p.pp, p.ep, layout.dp)
     setup.seed_everything(cfg.train.seed)
     run_dir = cfg.logging.run_dir
     cfg.checkpoint.dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")

@@ -80,13 +80,16 @@ def test_pp_split_keeps_the_loop_block_in_one_stage():
 
 
 def test_world_size_from_env(monkeypatch):
-    for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS",
+              "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(k, raising=False)
     assert L.world_size_from_env() == 1
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert L.world_size_from_env() == 1  # the batch shell, not an srun task
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert L.world_size_from_env() == 1  # the batch shell (PROCID 0 of 8 but no job step): one process
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    assert L.world_size_from_env() == 8
+    assert L.world_size_from_env() == 8  # a task of an srun step
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert L.world_size_from_env() == 4
 

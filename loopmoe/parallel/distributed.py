@@ -41,38 +41,48 @@ def _slurm_master_addr() -> str:
         return nodes.split(",")[0]
 
 
+def _from_mpi(env) -> DistEnv:
+    from mpi4py import MPI  # only on this path: a plain run must not need MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        addr = env.get("MASTER_ADDR", socket.gethostname() if world > 1 else "127.0.0.1")
+        master = (addr, env.get("MASTER_PORT", str(port)))
+    else:
+        master = None
+    addr, port = comm.bcast(master, root=0)
+    env.setdefault("MASTER_ADDR", addr)
+    env.setdefault("MASTER_PORT", port)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    return DistEnv(rank, world, local, "mpi")
+
+
 def detect_env() -> DistEnv:
     """Find rank and world size, exporting the env:// variables where a launcher did not."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also torchrun inside srun)
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun, one task per device
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    # mpirun first: under Slurm its ranks inherit the job step's SLURM_* variables.
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpi(env)
+    # srun, one task per device. SLURM_STEP_ID tells a task of a job step from the batch shell itself, which
+    # also carries SLURM_PROCID=0 and SLURM_NTASKS=N but is one process.
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and ntasks > 1:
+        rank, world = int(env["SLURM_PROCID"]), ntasks
         local = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         # A port derived from the job id, so two jobs sharing a node do not collide.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return DistEnv(rank, world, local, "slurm")
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):  # mpirun
-        from mpi4py import MPI  # only on this path: a plain run must not need MPI
-
-        comm = MPI.COMM_WORLD
-        rank, world = comm.Get_rank(), comm.Get_size()
-        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
-        if rank == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
-            addr = env.get("MASTER_ADDR", socket.gethostname() if world > 1 else "127.0.0.1")
-            master = (addr, env.get("MASTER_PORT", str(port)))
-        else:
-            master = None
-        addr, port = comm.bcast(master, root=0)
-        env.setdefault("MASTER_ADDR", addr)
-        env.setdefault("MASTER_PORT", port)
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        return DistEnv(rank, world, local, "mpi")
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:  # other MPI launchers (MPICH, Intel MPI, PMIx)
+        return _from_mpi(env)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         with socket.socket() as s:

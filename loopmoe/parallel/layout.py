@@ -64,10 +64,11 @@ def world_size_from_env() -> int:
     """The number of processes the launcher started (torchrun, srun, mpirun), read from the environment
     only (no side effects; ``distributed.detect_env`` does the rest later)."""
     env = os.environ
-    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    # The order of distributed.detect_env: torchrun, mpirun, srun (a job step, not the batch shell), others.
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "PMI_SIZE"):
         if env.get(key, "").strip().isdigit():
-            if key == "SLURM_NTASKS" and "SLURM_PROCID" not in env:
-                continue  # an sbatch shell outside srun: this process is one task
+            if key.startswith("SLURM_") and "SLURM_STEP_ID" not in env:
+                continue  # the sbatch shell itself, outside srun: this process is one task
             return int(env[key])
     return 1
 

@@ -13,10 +13,26 @@ from loopmoe.train.loop import Callback
 log = logging.getLogger(__name__)
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_early: list[int] = []  # signals that arrived during start-up, before the loop's handler existed
+
+
+def catch_early_signals() -> None:
+    """Call first thing in main(): a SIGUSR1/SIGTERM during start-up (imports, model build, index build,
+    checkpoint load) is remembered instead of killing the process, and honoured at the first step."""
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, _frame: _early.append(signum))
+
+
 class StopOnSignal(Callback):
-    signals = (signal.SIGTERM, signal.SIGUSR1)
+    signals = SIGNALS
 
     def on_train_start(self, trainer) -> None:
+        if _early:
+            log.warning("received %s during start-up: will checkpoint and stop after the first step",
+                        signal.Signals(_early[0]).name)
+            trainer.state.stop_requested = True
+
         def handler(signum, _frame):
             log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
             trainer.state.stop_requested = True
