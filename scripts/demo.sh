@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_DIR:-data/demo}
 RUN=${DEMO_RUN:-runs/demo}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-1000}
 CORPUS=data/corpus/python_docs.jsonl
 mkdir -p "$OUT"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -27,7 +27,7 @@ say "3/6 train: tiny LoopMoE (1 prelude + 2 loop layers x 2 iterations + 1 coda)
 rm -rf "$RUN"
 $PY pretrain_loopmoe.py --config configs/tiny_loopmoe.yaml \
   data.prefixes="$OUT/python_docs_text_document" data.tokenizer_model="$OUT/tokenizer.model" \
-  logging.run_dir="$RUN" train.steps="$STEPS" checkpoint.interval=100
+  logging.run_dir="$RUN" train.steps="$STEPS" checkpoint.interval=250 train.eval_interval=100 train.log_interval=50
 
 say "4/6 sample from the checkpoint (KV cache; temperature 0.8, top-k 40)"
 $PY -m loopmoe.generate --checkpoint "$RUN/checkpoints" --prompt "The Python standard library" \
