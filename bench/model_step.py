@@ -42,7 +42,7 @@ def build(spec: dict):
     """(model, step_fn) for one contender spec."""
     import torch
 
-    from loopmoe.config import apply_overrides, load_config
+    from loopmoe.config import load_config
 
     torch.manual_seed(0)
     if spec["kind"] == "mixtral":

@@ -35,3 +35,25 @@ def single_process_group():
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     yield
+
+
+def make_token_data(d, n_docs: int, vocab: int, preprocess: bool = True) -> dict:
+    """The first ``n_docs`` documents of the demo corpus, a ``vocab``-piece tokenizer trained on them and
+    (with ``preprocess``) their .bin/.idx, all made by our own data tools as a user would.
+    Returns {"dir", "corpus", "tok", "prefix"}."""
+    import subprocess
+
+    src = d / "slice.jsonl"
+    with open(CORPUS) as f, open(src, "w") as out:
+        for i, line in enumerate(f):
+            if i >= n_docs:
+                break
+            out.write(line)
+    py = sys.executable
+    subprocess.run([py, "data_tools/train_tokenizer.py", "--input", str(src), "--vocab-size", str(vocab),
+                    "--output-prefix", str(d / "tok")], cwd=ROOT, check=True, capture_output=True)
+    if preprocess:
+        subprocess.run([py, "data_tools/preprocess.py", "--input", str(src), "--tokenizer-model",
+                        str(d / "tok.model"), "--output-prefix", str(d / "docs"), "--append-eod", "--workers", "1"],
+                       cwd=ROOT, check=True, capture_output=True)
+    return {"dir": d, "corpus": str(src), "tok": str(d / "tok.model"), "prefix": str(d / "docs_text_document")}

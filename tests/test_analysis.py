@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 from loopmoe.analysis import early_exit as ee
 from loopmoe.analysis import routing_metrics as rm
 from loopmoe.analysis.logit_lens import LN2, entropy, jsd
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import ROOT, make_token_data
 
 # ---------------------------------------------------------------------------------------------------
 # routing metrics on hand-made routings
@@ -253,19 +251,8 @@ def tiny_run(tmp_path_factory):
     from loopmoe.model import LoopMoEModel
 
     d = tmp_path_factory.mktemp("analysis")
-    src = d / "slice.jsonl"
-    with open(CORPUS) as f, open(src, "w") as out:
-        for i, line in enumerate(f):
-            if i >= 600:
-                break
-            out.write(line)
-    py = sys.executable
-    subprocess.run([py, "data_tools/train_tokenizer.py", "--input", str(src), "--vocab-size", "512",
-                    "--output-prefix", str(d / "tok")], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([py, "data_tools/preprocess.py", "--input", str(src), "--tokenizer-model", str(d / "tok.model"),
-                    "--output-prefix", str(d / "docs"), "--append-eod", "--workers", "1"], cwd=ROOT, check=True,
-                   capture_output=True)
-    prefix, tok = str(d / "docs_text_document"), str(d / "tok.model")
+    data = make_token_data(d, 600, 512)
+    prefix, tok = data["prefix"], data["tok"]
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_loopmoe.yaml"),
                       SMALL + [f"data.prefixes={prefix}", f"data.tokenizer_model={tok}", "model.vocab_size=512",
                                "model.linear_backend=torch", f"data.cache_dir={d / 'cache'}"])

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from tests.conftest import CORPUS, ROOT  # noqa: E402
+from tests.conftest import ROOT, make_token_data  # noqa: E402
 
 V = 512
 PIQA = [  # handmade rows in the PIQA format, to exercise --data-dir
@@ -42,14 +40,7 @@ def exported(tmp_path_factory):
     from loopmoe.model import LoopMoEModel
 
     d = tmp_path_factory.mktemp("eval")
-    src = d / "slice.jsonl"
-    with open(CORPUS) as f, open(src, "w") as out:
-        for i, line in enumerate(f):
-            if i >= 300:
-                break
-            out.write(line)
-    subprocess.run([sys.executable, "data_tools/train_tokenizer.py", "--input", str(src), "--vocab-size", str(V),
-                    "--output-prefix", str(d / "tok")], cwd=ROOT, check=True, capture_output=True)
+    make_token_data(d, 300, V, preprocess=False)
     cfg = load_config(f"{ROOT}/configs/tiny_loopmoe.yaml",
                       ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
                        "model.expert_hidden=32", "model.adaln_rank=8", f"model.vocab_size={V}", "model.init_std=0.2",

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from tests.conftest import CORPUS, ROOT, free_port  # noqa: E402
+from tests.conftest import CORPUS, ROOT, free_port, make_token_data  # noqa: E402
 
 V = 512  # tokenizer and model vocabulary
 COMMON = ["data.seq_len=64", "train.micro_batch=4", "train.eval_iters=1", "train.eval_interval=100",
@@ -69,20 +69,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("export_data")
-    src = d / "slice.jsonl"
-    with open(CORPUS) as f, open(src, "w") as out:
-        for i, line in enumerate(f):
-            if i >= 300:
-                break
-            out.write(line)
-    py = sys.executable
-    subprocess.run([py, "data_tools/train_tokenizer.py", "--input", str(src), "--vocab-size", str(V),
-                    "--output-prefix", str(d / "tok")], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([py, "data_tools/preprocess.py", "--input", str(src), "--tokenizer-model", str(d / "tok.model"),
-                    "--output-prefix", str(d / "docs"), "--append-eod", "--workers", "1"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return {"dir": d, "prefix": str(d / "docs_text_document"), "tok": str(d / "tok.model"), "corpus": str(src)}
+    return make_token_data(tmp_path_factory.mktemp("export_data"), 300, V)
 
 
 class Runs:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import ROOT, make_token_data
 
 # A model small enough to take a step in a few milliseconds, still a LoopMoE with 2 iterations.
 SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16", "model.n_experts=8",
@@ -22,20 +22,8 @@ SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.hea
 @pytest.fixture(scope="module")
 def token_prefix(tmp_path_factory) -> tuple[str, str]:
     """A 1,500-document slice of the demo corpus, tokenised by our own data tools (vocabulary 1,024)."""
-    d = tmp_path_factory.mktemp("data")
-    src = d / "slice.jsonl"
-    with open(CORPUS) as f, open(src, "w") as out:
-        for i, line in enumerate(f):
-            if i >= 1500:
-                break
-            out.write(line)
-    py = sys.executable
-    subprocess.run([py, "data_tools/train_tokenizer.py", "--input", str(src), "--vocab-size", "1024",
-                    "--output-prefix", str(d / "tok")], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([py, "data_tools/preprocess.py", "--input", str(src), "--tokenizer-model", str(d / "tok.model"),
-                    "--output-prefix", str(d / "docs"), "--append-eod", "--workers", "1"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return str(d / "docs_text_document"), str(d / "tok.model")
+    data = make_token_data(tmp_path_factory.mktemp("data"), 1500, 1024)
+    return data["prefix"], data["tok"]
 
 
 def train(run_dir, prefix, tok, *extra, check=True) -> subprocess.CompletedProcess:
@@ -120,4 +108,4 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, token_prefix):
     latest = (ckpt / "latest").read_text().strip()
     assert (ckpt / latest).is_dir()
     out = train(run, *token_prefix, f"train.steps={int(latest.split('_')[1]) + 1}")
-    assert f"resumed from" in out.stdout and latest in out.stdout
+    assert "resumed from" in out.stdout and latest in out.stdout
