@@ -29,9 +29,9 @@ def single_process_group():
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # A tcp:// address, not MASTER_ADDR/MASTER_PORT in os.environ: training subprocesses started later
+        # by other tests inherit the environment and would try to bind this process's port.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     yield
@@ -57,3 +57,27 @@ def make_token_data(d, n_docs: int, vocab: int, preprocess: bool = True) -> dict
                         str(d / "tok.model"), "--output-prefix", str(d / "docs"), "--append-eod", "--workers", "1"],
                        cwd=ROOT, check=True, capture_output=True)
     return {"dir": d, "corpus": str(src), "tok": str(d / "tok.model"), "prefix": str(d / "docs_text_document")}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: torch's intra-op thread pool costs far more than it saves (10x on a busy machine).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_torchrun(script: str, nproc: int = 2, timeout: int = 240):
+    """Run ``script`` under torchrun with ``nproc`` gloo processes (one thread each); fail with its output."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), os.path.abspath(script)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res

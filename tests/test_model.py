@@ -4,9 +4,6 @@ Run as a script under torchrun it is the TP=2 worker: ``torchrun --nproc_per_nod
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -240,13 +237,9 @@ def test_te_fp8_forward_backward(single_process_group):
 
 
 def test_tp2_and_sequence_parallel_equal_tp1():  # ~10 s on 2 CPU cores
-    from conftest import ROOT, free_port
+    from conftest import run_torchrun
 
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.abspath(__file__)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_torchrun(__file__)
     assert res.stdout.count("TP2 OK") == 2
 
 

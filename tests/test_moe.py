@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -208,13 +207,9 @@ def test_expert_params_stacked_and_unmarked_at_ep1():
 
 
 def test_ep2_equals_single_process():  # ~11 s on 2 CPU cores
-    from conftest import free_port
+    from conftest import run_torchrun
 
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.abspath(__file__)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_torchrun(__file__)
     assert res.stdout.count("EP2 OK") == 2
 
 
