@@ -136,7 +136,10 @@ class CheckpointConfig:
     dir: str = ""  # default: <run_dir>/checkpoints
     interval: int = 500
     keep_last: int = 3
-    resume: bool = True  # resume from <dir>/latest when present
+    # latest: the step <dir>/latest names (a damaged one is an error naming the newest intact earlier step);
+    # latest_intact: fall back to the newest step whose manifest verifies, with a WARNING; none: start fresh.
+    # true/false (older configs) mean latest/none.
+    resume: Literal["latest", "latest_intact", "none", True, False] = "latest"
 
 
 @dataclass
@@ -299,7 +302,9 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(not d.weights or len(d.weights) == len(d.prefixes),
            f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix")
-    _check(all(w >= 0 for w in d.weights), "data.weights must be >= 0")
+    for i, w in enumerate(d.weights):  # a 0 weight used to pass here and fail later inside the blend
+        _check(w > 0, f"data.weights[{i}]={w} for {d.prefixes[i] if i < len(d.prefixes) else '?'}: every "
+                      "weight must be > 0; drop the prefix from data.prefixes instead of giving it weight 0")
     try:
         parts = [float(x) for x in d.split.split(",")]
         _check(len(parts) == 3 and sum(parts) > 0 and min(parts) >= 0, "")
@@ -319,6 +324,8 @@ def validate(cfg: Config) -> None:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
     c = cfg.checkpoint
     _check(c.interval >= 1 and c.keep_last >= 1, "checkpoint.interval and checkpoint.keep_last must be >= 1")
+    if isinstance(c.resume, bool):  # older configs: resume: true/false
+        c.resume = "latest" if c.resume else "none"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -160,14 +160,18 @@ class LoopMoEModel(nn.Module):
             return
         if groups is None:
             groups = []
-            from_megatron = torch.distributed.is_initialized() and self.cfg.linear_backend != "torch"
-            if from_megatron:
+            # Whatever the linear backend: with linear_backend="torch" at DP>1 the loads were once not
+            # summed and every rank drifted to its own bias.
+            if torch.distributed.is_initialized():
                 from megatron.core import parallel_state as ps
 
                 if ps.model_parallel_is_initialized():
                     groups.append(ps.get_data_parallel_group())
                     if self.sequence_parallel:
                         groups.append(ps.get_tensor_model_parallel_group())
+                elif torch.distributed.get_world_size() > 1:
+                    raise RuntimeError("update_router_biases: several processes but no megatron parallel_state "
+                                       "to sum the loads over; pass groups=[...] or call init_distributed first")
         for blk in self.layers:
             blk.ffn.router.update_bias(self.cfg.aux_free_rate, groups)
 

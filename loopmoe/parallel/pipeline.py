@@ -18,11 +18,15 @@ summed over TP): the mean over shards, as a single process computes the z-loss.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from loopmoe.model.model import LoopMoEModel, ModelOutput, lm_loss
+
+log = logging.getLogger(__name__)
 
 
 class _AttachAux(torch.autograd.Function):
@@ -165,6 +169,12 @@ class PipelineEvalModel:
 
     def __init__(self, stage: PipelineStage):
         self.stage, self.cfg = stage, stage.cfg
+        missing = (["val/loss_exit* (early-exit losses)"] if self.cfg.is_looped else []) + \
+                  (["val/imbalance_l*, val/divergence_l* (routing metrics)"] if self.cfg.ffn == "moe" else [])
+        if missing:  # said once at start-up, not left for someone to notice missing curves
+            log.warning("pipeline parallelism: validation reports val/loss only; %s are not collected across "
+                        "stages (python -m loopmoe.analysis.early_exit / .routing compute them from a checkpoint)",
+                        " and ".join(missing))
 
     @property
     def training(self) -> bool:
