@@ -118,6 +118,8 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero1.json"
     zero_stage: int = -1  # -1 = take it from ds_config
     exit_interval: int = 0  # like Megatron's --exit-interval: checkpoint and stop when step % N == 0 (0 = off)
+    # activation recompute per executed layer: none | full (whole layer) | selective (FFN + attention core)
+    recompute: Literal["none", "full", "selective"] = "none"
 
 
 @dataclass
@@ -319,6 +321,9 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
     _check(t.exit_interval >= 0, "train.exit_interval must be >= 0 (0 = off)")
     _check(t.zero_stage in (-1, 0, 1, 2), f"train.zero_stage={t.zero_stage}: use 0, 1, 2 (or -1 = from ds_config)")
+    _check(t.recompute == "none" or t.precision != "fp8",
+           f"train.recompute={t.recompute!r} with train.precision='fp8': torch's checkpoint would re-run TE's FP8 "
+           "scaling updates outside fp8_autocast; use train.recompute=none with fp8")
     p = cfg.parallel
     for name in ("tp", "pp", "ep"):
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model.recompute import is_recomputing
+
 
 @dataclass
 class Routing:
@@ -72,7 +74,7 @@ class Router(nn.Module):
         load = torch.bincount(topk.reshape(-1), minlength=E)  # [E]
         lb = E * (load.float() / (T * k) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        if self.training and self.aux_free:
+        if self.training and self.aux_free and not is_recomputing():  # a recompute must not count twice
             self.load_acc += load.detach().float()
         return Routing(logits, topk, gates, load.detach(), lb, z)
 

@@ -76,6 +76,7 @@ class PipelineStage(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.n_iters = model.n_iters
+        self.recompute = model.recompute  # train.recompute (loopmoe/model/recompute.py)
         self.sequence_parallel = model.sequence_parallel
         self.aux_weight = 1.0  # 1/TP under sequence parallelism (see aux_scale)
         self.num_micro = 1  # micro-batches of the current step (the schedule divides the loss by it)
@@ -98,7 +99,7 @@ class PipelineStage(nn.Module):
 
         def block(blk, h, e_k=None):
             nonlocal lb, z
-            h, r = blk(h, rope, e_k, None, None)
+            h, r = blk(h, rope, e_k, None, None, recompute=self.recompute)  # per executed layer
             if r is not None:
                 lb, z = lb + r.lb, z + r.z
             return h
