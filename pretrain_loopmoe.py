@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides are section.key=value; every section, field and default:\n\n" + describe_fields())
     ap.add_argument("--config", help="a YAML preset (configs/*.yaml); defaults apply to what it leaves out")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config (YAML, with each field's meaning) and exit")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 model.loop_iters=3")
     return ap.parse_args(argv)
 
@@ -28,19 +28,24 @@ def main(argv: list[str] | None = None) -> int:
 
     catch_early_signals()  # a Slurm USR1/TERM during start-up must not kill the job before it can checkpoint
     args = parse_args(argv)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start(report=not args.print_config, device_line=True)  # before megatron-core and DeepSpeed are imported
     from loopmoe.parallel.layout import validate_layout, world_size_from_env
 
     try:
         cfg = load_config(args.config, args.overrides)  # every field checked before any heavy work
         layout = validate_layout(cfg, world_size_from_env())  # TP x PP x DP, heads, experts, stages
+        from loopmoe.train.callbacks.wandb_sink import check_wandb
+
+        check_wandb(cfg)  # W&B asked for but not installed: say so now, not after the model is built
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
+        from loopmoe.config_help import commented_yaml
 
-        from loopmoe.config import to_dict
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(commented_yaml(cfg), end="")  # YAML with each field's meaning as a comment
         return 0
 
     from loopmoe.parallel.distributed import init_distributed, shutdown
@@ -77,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state as ps
 
     train_batches, valid_batches = setup.build_data(cfg, ps.get_data_parallel_rank(), layout.dp, state.consumed_samples)
-    peak = cfg.logging.peak_tflops or default_peak_tflops(cfg.train.precision)
+    peak = default_peak_tflops(cfg.train.precision, cfg.logging.peak_tflops)  # stated, by GPU name or measured
+    from loopmoe.train.callbacks.wandb_sink import wandb_sinks
+
     callbacks = [StopOnSignal(), Validate(valid_batches),
                  MetricsLogger(run_dir, setup.train_flops_per_token(cfg), peak, cfg.logging.tensorboard,
-                               cfg.logging.progress_bar),
+                               cfg.logging.progress_bar, sinks=wandb_sinks(cfg, denv.is_main)),
                  CheckpointEvery(ckpt)]
     stage = module if layout.pp > 1 else None
     model = PipelineEvalModel(stage) if stage is not None else module  # what validation calls

@@ -29,41 +29,41 @@ class ModelConfig:
     Vanilla MoE: n_loop=0 (all layers unique). Dense: ffn="dense". See docs/model.md and the spec.
     """
 
-    vocab_size: int = 64000
-    d_model: int = 256
+    vocab_size: int = 64000  # tokenizer vocabulary size (embedding and LM-head rows)
+    d_model: int = 256  # hidden width
     n_heads: int = 4  # query heads
     n_kv_heads: int = 2  # grouped-query attention: key/value heads
-    head_dim: int = 64
+    head_dim: int = 64  # width of one attention head (even, for RoPE)
     n_prelude: int = 1  # P unique layers before the loop
     n_loop: int = 1  # K shared layers in the loop block
     n_coda: int = 1  # C unique layers after the loop
     loop_iters: int = 2  # R: times the loop block runs
-    max_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    max_seq_len: int = 4096  # longest sequence the model accepts (RoPE tables; data.seq_len <= this)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the LM head
+    init_std: float = 0.02  # standard deviation of the normal weight initialisation
     # FFN: "moe" (fine-grained SwiGLU experts + optional shared experts) or "dense" (one SwiGLU).
-    ffn: Literal["moe", "dense"] = "moe"
+    ffn: Literal["moe", "dense"] = "moe"  # "moe" = routed (+ shared) SwiGLU experts, "dense" = one SwiGLU
     dense_hidden: int = 1024  # SwiGLU hidden width when ffn="dense"
     n_experts: int = 8  # routed experts
     expert_hidden: int = 256  # SwiGLU hidden width of one routed expert
-    top_k: int = 2
+    top_k: int = 2  # routed experts per token
     n_shared_experts: int = 1  # always-on experts, each expert_hidden wide
-    router_score: Literal["topk_then_softmax", "softmax_then_topk"] = "topk_then_softmax"
+    router_score: Literal["topk_then_softmax", "softmax_then_topk"] = "topk_then_softmax"  # gate weights: softmax over the k chosen, or top-k of the full softmax
     lb_loss_coef: float = 0.01  # load balancing E * sum_i f_i p_i
     z_loss_coef: float = 0.001  # router z-loss mean(logsumexp^2)
     aux_free_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (bias for selection only)
     aux_free_rate: float = 0.001  # bias update step: b_i += rate * sign(mean_load - load_i)
     capacity_factor: float = 0.0  # 0 = dropless; else tokens beyond capacity*T*k/E per expert dropped
-    dispatch: Literal["index", "einsum"] = "index"  # "einsum" = DeepSpeed's one-hot gate (baseline)
+    dispatch: Literal["index", "einsum"] = "index"  # expert dispatch: "index" = gather/scatter, "einsum" = DeepSpeed's one-hot gate (baseline)
     # IterAdaLN (loop layers only): which signals modulate the norms, their rank, the gate form.
-    adaln: Literal["both", "iter", "token", "none"] = "both"
-    adaln_rank: int = 64
+    adaln: Literal["both", "iter", "token", "none"] = "both"  # IterAdaLN signals: iteration, token state, both, none
+    adaln_rank: int = 64  # IterAdaLN low-rank width r
     adaln_gate: Literal["one_plus", "zero"] = "one_plus"  # x + (1+g)*f(..) or adaLN-Zero x + g*f(..)
     input_reinjection: bool = False  # add the loop's input state back at every iteration
     exit_loss_weights: list[float] = field(default_factory=list)  # aux LM losses at exits 1..R-1
-    linear_backend: Literal["megatron", "te", "torch"] = "megatron"  # see loopmoe/model/layers.py
+    linear_backend: Literal["megatron", "te", "torch"] = "megatron"  # linear layers: megatron-core TP linears, Transformer Engine, or plain torch (loopmoe/model/layers.py)
 
     @property
     def n_unique_layers(self) -> int:
@@ -85,75 +85,86 @@ class DataConfig:
     prefixes: list[str] = field(default_factory=list)  # path prefixes without .bin/.idx
     weights: list[float] = field(default_factory=list)  # blend weights (empty = equal)
     split: str = "98,1,1"  # train,valid,test proportions
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per training sample
     tokenizer_model: str = ""  # sentencepiece .model
     cache_dir: str = ""  # where dataset indices are cached (default: <run_dir>/data_cache)
-    seed: int = 1234
+    seed: int = 1234  # seed of the sample shuffle (dataset indices)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
+    """AdamW and the learning-rate schedule (loopmoe/train/optim.py)."""
+
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
+    min_lr: float = 3e-5  # final learning rate of the decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not on norms, biases, embeddings, IterAdaLN)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # after warm-up: cosine to min_lr, warmup-stable-decay, or constant
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
     decay_steps: int = 0  # WSD: length of the final sqrt cool-down (0 = 20% of the steps)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch: int = 4
-    grad_accum: int = 1
-    seed: int = 1234
-    eval_interval: int = 100
-    eval_iters: int = 10
-    log_interval: int = 10
-    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
-    ds_config: str = "ds_configs/zero1.json"
+    """The run: steps, batch sizes, precision, validation and logging cadence, the DeepSpeed engine."""
+
+    steps: int = 1000  # optimizer steps to train for (a resumed run continues up to this)
+    micro_batch: int = 4  # samples per micro-batch per data-parallel rank
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    seed: int = 1234  # seed of the weight initialisation and every other RNG (data order: data.seed)
+    eval_interval: int = 100  # validate every N steps (and at the last step)
+    eval_iters: int = 10  # held-out batches per validation
+    log_interval: int = 10  # console / metrics.jsonl / TensorBoard line every N steps
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # parameter/compute precision (fp8 needs Transformer Engine on Hopper)
+    ds_config: str = "ds_configs/zero1.json"  # DeepSpeed JSON; batch sizes, clipping and precision are filled in from this config
     zero_stage: int = -1  # -1 = take it from ds_config
     exit_interval: int = 0  # like Megatron's --exit-interval: checkpoint and stop when step % N == 0 (0 = off)
-    # activation recompute per executed layer: none | full (whole layer) | selective (FFN + attention core)
-    recompute: Literal["none", "full", "selective"] = "none"
+    recompute: Literal["none", "full", "selective"] = "none"  # activation recompute per executed layer: none | full (whole layer) | selective (FFN + attention core)
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    sequence_parallel: bool = False
+    """How the world is split: TP x PP x DP processes, experts over EP (see docs/parallelism.md)."""
+
+    tp: int = 1  # tensor-parallel size (megatron-core linears)
+    pp: int = 1  # pipeline-parallel stages
+    ep: int = 1  # expert-parallel size (routed experts split over EP ranks of the DP group)
+    sequence_parallel: bool = False  # with TP > 1: activations outside the TP linears split along the sequence (megatron's SP)
     pp_split: list[int] = field(default_factory=list)  # layers per stage, empty = loop block in one stage
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
-    timeout_minutes: int = 10
+    timeout_minutes: int = 10  # collective timeout of the process groups
 
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often checkpoints are saved, how many are kept, whether a run resumes."""
+
     dir: str = ""  # default: <run_dir>/checkpoints
-    interval: int = 500
-    keep_last: int = 3
-    # latest: the step <dir>/latest names (a damaged one is an error naming the newest intact earlier step);
-    # latest_intact: fall back to the newest step whose manifest verifies, with a WARNING; none: start fresh.
-    # true/false (older configs) mean latest/none.
-    resume: Literal["latest", "latest_intact", "none", True, False] = "latest"
+    interval: int = 500  # save every N steps (and at the end, and on a signal)
+    keep_last: int = 3  # older checkpoints are deleted
+    resume: Literal["latest", "latest_intact", "none", True, False] = "latest"  # latest: the step <dir>/latest names (damaged = error naming the newest intact step); latest_intact: fall back to the newest intact step with a WARNING; none: start fresh; true/false = latest/none
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    tensorboard: bool = True
-    progress_bar: bool = True
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = auto (H100 bf16 989, CPU unknown)
+    """The run directory and what is logged there: metrics.jsonl, TensorBoard, W&B, the MFU peak."""
+
+    run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, tensorboard/, checkpoints/ go here
+    tensorboard: bool = True  # write TensorBoard scalars to <run_dir>/tensorboard
+    progress_bar: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = auto (GPU datasheet peak by name, CPU measured at start-up)
+    wandb_project: str = ""  # Weights & Biases project; empty = W&B off (needs pip install 'loopmoe[wandb]')
+    wandb_entity: str = ""  # W&B team or user (empty = your default entity)
+    wandb_run_name: str = ""  # W&B run name (empty = the run_dir's last component)
 
 
 @dataclass
 class Config:
+    """The whole run configuration: one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -347,11 +358,7 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def describe_fields() -> str:
-    """Text for --help: every section and field with its default."""
-    lines = []
-    for sec in dataclasses.fields(Config):
-        sub = sec.default_factory()  # type: ignore[misc]
-        lines.append(f"{sec.name}:  {(type(sub).__doc__ or '').strip().splitlines()[0] if type(sub).__doc__ else ''}")
-        for f in dataclasses.fields(sub):
-            lines.append(f"  {sec.name}.{f.name} = {getattr(sub, f.name)!r}")
-    return "\n".join(lines)
+    """Text for --help: every section and field with its default and meaning (loopmoe/config_help.py)."""
+    from loopmoe.config_help import describe_fields as describe
+
+    return describe()

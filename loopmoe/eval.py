@@ -15,6 +15,11 @@ with what they must contain and how to produce them, and nothing runs. docs/expo
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import glob
 import json

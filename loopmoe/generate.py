@@ -5,6 +5,11 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import sys
 import time

@@ -38,6 +38,11 @@ the IDEAL one (skipped layers only, the usual paper number). See docs/analysis.m
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import json
 import math

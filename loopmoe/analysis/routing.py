@@ -19,6 +19,11 @@ Writes routing.json, routing.md, routing.png (histograms) and routing_forced.png
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import json
 import os

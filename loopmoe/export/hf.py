@@ -25,6 +25,11 @@ and its Config). What is written (docs/export.md):
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import json
 import logging

@@ -17,6 +17,11 @@ optimizer or scheduler state, no ZeRO files, no RNG states): resuming training f
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed is imported (loopmoe/quiet.py)
+    from loopmoe.quiet import quiet_start
+
+    quiet_start()
+
 import argparse
 import json
 import math

@@ -18,19 +18,22 @@ from loopmoe.train.loop import Callback
 
 log = logging.getLogger(__name__)
 
-H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, per GPU
 
+def default_peak_tflops(precision: str, stated: float = 0.0) -> float:
+    """The MFU peak per device (loopmoe/train/peak.py): stated, by GPU name, or measured on the CPU; logged."""
+    from loopmoe.train.peak import resolve_peak
 
-def default_peak_tflops(precision: str) -> float:
-    """0 = unknown (CPU): MFU is then not reported rather than invented."""
-    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
-        return H100_BF16_PEAK_TFLOPS * (2 if precision == "fp8" else 1)
-    return 0.0
+    peak = resolve_peak(stated, precision)
+    if peak.tflops > 0:
+        log.info("MFU peak: %.4g TFLOP/s per device (%s)", peak.tflops, peak.source)
+    else:
+        log.warning("MFU not reported: %s", peak.source)
+    return peak.tflops
 
 
 class MetricsLogger(Callback):
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
-                 progress_bar: bool):
+                 progress_bar: bool, sinks: list | None = None):
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.n_devices = dist.get_world_size() if dist.is_initialized() else 1
         self.flops_per_token = train_flops_per_token
@@ -44,6 +47,7 @@ class MetricsLogger(Callback):
                 self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
+        self.sinks = sinks or []  # more scalar sinks with .log(record, step) and .close() (W&B)
         self.bar = None
         self.want_bar = progress_bar and self.is_main and sys.stderr.isatty()
         self._interval_tokens = 0.0
@@ -88,10 +92,12 @@ class MetricsLogger(Callback):
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+        for sink in self.sinks:
+            sink.log(rec, step)
         line = (f"step {step:>6}/{trainer.cfg.train.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
                 f"aux {rec['lb_loss']:.3f} z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
                 f"{tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s"
-                + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.0f})" if "mfu" in rec else " | MFU n/a (peak unknown)")
+                + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.3g})" if "mfu" in rec else " | MFU n/a (peak unknown)")
                 + f" | mem {rec['mem_gib']:.2f} GiB")
         if has_val:
             exits = " ".join(f"exit{k[len('val/loss_exit'):]} {v:.4f}" for k, v in rec.items() if k.startswith("val/loss_exit"))
@@ -109,3 +115,5 @@ class MetricsLogger(Callback):
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,66 @@
+"""The peak TFLOP/s per device that MFU is measured against.
+
+* ``logging.peak_tflops`` > 0: that figure, as stated.
+* a GPU: the chip's dense (no sparsity) datasheet peak by device name, FP8 for ``train.precision=fp8``,
+  bf16 otherwise (also for fp32 runs: the usual convention, so that MFU compares across precisions).
+* the CPU: measured once at start-up, the best of a few dense fp32 1024^3 matrix products (~0.2 s) on
+  the threads training uses. It is what this process's cores can reach, not a datasheet figure.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# (substrings of torch.cuda.get_device_name(), dense bf16, dense FP8 TFLOP/s or None); first match wins,
+# so the more specific names come first. Datasheet figures; those given "with sparsity" are halved.
+GPU_PEAKS: list[tuple[tuple[str, ...], float, float | None]] = [
+    (("H200",), 989.0, 1979.0),  # H200 SXM (and GH200): the H100 SXM compute
+    (("H100", "PCIe"), 756.0, 1513.0),
+    (("H100", "NVL"), 835.0, 1671.0),
+    (("H100",), 989.0, 1979.0),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    (("A100",), 312.0, None),  # no FP8 on Ampere
+]
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float  # per device; 0 = unknown (MFU not reported)
+    source: str  # where the figure comes from, for the log
+
+
+def gpu_peak(name: str, precision: str) -> Peak:
+    for keys, bf16, fp8 in GPU_PEAKS:
+        if all(k in name for k in keys):
+            if precision == "fp8" and fp8 is not None:
+                return Peak(fp8, f"{name}: dense FP8 datasheet peak")
+            note = " (the chip has no FP8)" if precision == "fp8" else ""
+            return Peak(bf16, f"{name}: dense bf16 datasheet peak{note}")
+    return Peak(0.0, f"{name}: peak unknown, set logging.peak_tflops for MFU")
+
+
+def measure_cpu_peak(n: int = 1024, min_reps: int = 3, budget_s: float = 0.2) -> float:
+    """Best dense fp32 ``n x n @ n x n`` rate in TFLOP/s: one warm-up, then at least ``min_reps`` products
+    and until ``budget_s`` has passed."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    torch.mm(a, b)  # warm-up: thread pool and allocator
+    best, reps, start = float("inf"), 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return 2.0 * n**3 / best / 1e12
+
+
+def resolve_peak(stated: float, precision: str) -> Peak:
+    if stated > 0:
+        return Peak(stated, "logging.peak_tflops")
+    if torch.cuda.is_available():
+        return gpu_peak(torch.cuda.get_device_name(), precision)
+    threads = torch.get_num_threads()
+    tflops = measure_cpu_peak()
+    return Peak(tflops, f"CPU, measured: best dense fp32 1024^3 matmul on {threads} thread(s)")
