@@ -47,8 +47,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(commented_yaml(cfg), end="")  # YAML with each field's meaning as a comment
         return 0
+    from loopmoe.train.preflight import PreflightError, preflight
 
-    from loopmoe.parallel.distributed import init_distributed, shutdown
+    try:  # data, tokenizer, DeepSpeed config, checkpoint: before process groups, model or engine exist
+        resume_tag = preflight(cfg, layout)
+    except PreflightError as e:
+        print(f"input error: {e}", file=sys.stderr)
+        return 2
+    from loopmoe.parallel.distributed import shutdown
+
+    rc = train(cfg, layout, resume_tag)
+    shutdown()  # after train() returned: its model, engine and groups' users are gone, the groups go now
+    return rc
+
+
+def train(cfg, layout, resume_tag: str | None) -> int:
+    """Process groups, model, engine, data; the loop. Returns the exit code."""
+    from loopmoe.parallel.distributed import init_distributed
     from loopmoe.parallel.parallelize import parallelize
     from loopmoe.parallel.pipeline import PipelineEvalModel
     from loopmoe.train import setup
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from loopmoe.train.callbacks.metrics import MetricsLogger, default_peak_tflops
     from loopmoe.train.callbacks.signals import StopOnSignal
     from loopmoe.train.callbacks.validation import Validate
-    from loopmoe.train.checkpoint import Checkpointer
+    from loopmoe.train.checkpoint import CheckpointError, Checkpointer
     from loopmoe.train.engine import build_engine
     from loopmoe.train.loop import Trainer, TrainingDiverged, TrainState
 
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, _, _ = build_engine(module, cfg, layout)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     state = TrainState()
-    if cfg.checkpoint.resume and (client := ckpt.load(engine)) is not None:
+    if resume_tag is not None and (client := ckpt.load(engine, resume_tag, verify=False)) is not None:
         state.step, state.consumed_samples = client["step"], client["consumed_samples"]
     from megatron.core import parallel_state as ps
 
@@ -95,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         state = Trainer(cfg, engine, model, train_batches, callbacks, state, layout=layout, stage=stage).train()
     except TrainingDiverged as e:
         setup.log.error("%s", e)
-        shutdown()
         return 3
+    except CheckpointError as e:  # a save could not be written (disk full...); the previous one is intact
+        setup.log.error("%s", e)
+        return 4
     setup.log.info("done at step %d; checkpoints in %s", state.step, cfg.checkpoint.dir)
-    shutdown()
     return 0
 
 

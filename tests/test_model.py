@@ -295,7 +295,9 @@ def _tp_worker():
             torch.testing.assert_close(blk.ffn.router.bias, ref_blk.ffn.router.bias)
         assert any(blk.ffn.router.bias.abs().sum() > 0 for blk in m.layers)
     print(f"rank {rank}: TP2 OK", flush=True)
-    dist.destroy_process_group()
+    from loopmoe.parallel.distributed import shutdown
+
+    shutdown()  # barrier, every group registry cleared, groups destroyed while the interpreter is alive
 
 
 if __name__ == "__main__":

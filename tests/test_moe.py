@@ -215,14 +215,19 @@ def test_ep2_equals_single_process():  # ~11 s on 2 CPU cores
 
 def _ep_worker():
     import torch.distributed as dist
-
     from megatron.core import parallel_state as ps
 
     from loopmoe.parallel.distributed import shutdown
 
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(1, 1)  # the MoE's expert groups come from loopmoe.parallel.groups
-    rank = dist.get_rank()
+    _ep_checks(dist.get_rank())
+    shutdown()  # once the layers (which hold the expert group) are gone: see distributed.shutdown
+
+
+def _ep_checks(rank: int):
+    import torch.distributed as dist
+
     for dispatch in ("index", "einsum"):
         kw = dict(n_experts=4, n_shared_experts=1, dispatch=dispatch)
         ref, ep = make_moe(seed=0, **kw), make_moe(seed=0, ep_size=2, **kw)
@@ -242,7 +247,6 @@ def _ep_worker():
             torch.testing.assert_close(getattr(ep.experts, name).grad, full[2 * rank:2 * rank + 2],
                                        atol=1e-6, rtol=1e-5)
     print(f"rank {rank}: EP2 OK", flush=True)
-    shutdown()
 
 
 if __name__ == "__main__":

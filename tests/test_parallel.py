@@ -258,7 +258,9 @@ def _worker(mode: str, out_path: str) -> None:
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
-    dist.destroy_process_group()
+    from loopmoe.parallel.distributed import shutdown
+
+    shutdown()  # barrier, every group registry cleared, groups destroyed while the interpreter is alive
 
 
 if __name__ == "__main__":

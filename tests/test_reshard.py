@@ -175,7 +175,9 @@ def _worker(mode: str, d: str) -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(d, f"{mode}.json"), "w") as f:
             json.dump({k: {"loss": v["loss"]} for k, v in res.items()}, f)
-    dist.destroy_process_group()
+    from loopmoe.parallel.distributed import shutdown
+
+    shutdown()  # barrier, every group registry cleared, groups destroyed while the interpreter is alive
 
 
 if __name__ == "__main__":

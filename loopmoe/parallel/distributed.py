@@ -175,12 +175,34 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
 
 
 def shutdown() -> None:
+    """Tear distributed down on every rank, in order, while the interpreter is fully alive.
+
+    A ProcessGroup still referenced at exit (DeepSpeed's expert-group dicts, its comm layer, megatron's
+    globals) was destroyed during interpreter finalisation, where gloo's worker threads can abort the process
+    ("terminate called without an active exception", SIGABRT after a run that finished). So: a barrier (no
+    peer is still in a collective when the groups go), every registry that holds groups cleared, the groups
+    destroyed, and a garbage collection so their C++ objects and threads go now. Call it after the model and
+    engine are released (pretrain_loopmoe.py calls it once train() has returned)."""
+    import gc
+
     from megatron.core import parallel_state
 
     from loopmoe.parallel.groups import destroy_expert_groups
 
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError as e:  # a peer is gone: nothing left to wait for
+            log.warning("shutdown: barrier failed (%s); tearing down anyway", e)
     destroy_expert_groups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    try:
+        from deepspeed import comm as ds_comm
+
+        ds_comm.comm.cdb = None  # DeepSpeed's comm backend object holds the world group
+    except (ImportError, AttributeError):
+        pass
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -7,6 +7,8 @@ Layout of ``checkpoint.dir``::
                         and shape, written as shards with global offsets by the ranks that own them
       rng_rank{r}.pt    every rank's RNG states
       config.yaml       the run's resolved config
+      manifest.json     size and blake2b digest of every file above; written last, inside the step, so it
+                        is renamed into place with it (see verify_step)
     latest              text file naming the newest complete step directory; moved LAST
     .tmp/               where a save is written before its rename; a crash leaves debris only here
 
@@ -38,8 +40,11 @@ single process) into the full unsharded model, whatever layout wrote them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import pickle
 import random
 import shutil
 
@@ -88,6 +93,118 @@ def read_latest(ckpt_dir: str) -> str | None:
         raise FileNotFoundError(f"{path} names {tag!r}, which is not in {ckpt_dir}: the checkpoint directory was "
                                 "edited by hand; point latest at an existing step_* directory")
     return tag
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest: every file's size and digest, so a damaged step is named instead of failing as an EOFError
+
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is damaged or cannot be resumed; the message names the step, the file and the way out."""
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Every file under ``step_dir`` (relative paths, sorted), the manifest excepted."""
+    out = []
+    for root, _, names in os.walk(step_dir):
+        out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def _entry(step_dir: str, rel: str) -> dict:
+    path = os.path.join(step_dir, rel)
+    return {"size": os.path.getsize(path), "blake2b": file_digest(path)}
+
+
+def verify_step(step_dir: str) -> str | None:
+    """None if every file of ``step_dir`` matches its manifest, else what is wrong with the first bad file.
+    A step saved before manifests existed (no manifest.json) is taken as intact."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        if not os.path.isdir(step_dir):
+            return f"{step_dir} is missing"
+        log.warning("checkpoint: %s has no %s (saved by an older version); its files are not verified",
+                    step_dir, MANIFEST)
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path} is unreadable ({type(e).__name__}: {e})"
+    for rel, want in files.items():
+        p = os.path.join(step_dir, rel)
+        if not os.path.exists(p):
+            return f"{p} is missing"
+        size = os.path.getsize(p)
+        if size != want["size"]:
+            return f"{p} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
+        if file_digest(p) != want["blake2b"]:
+            return f"{p} has the right size but the wrong blake2b digest (bytes changed on disk)"
+    return None
+
+
+def _step_of(tag: str) -> int | str:
+    try:
+        return int(tag.split("_")[1])
+    except (IndexError, ValueError):  # latest edited by hand
+        return tag
+
+
+def resolve_resume(ckpt_dir: str, mode: str) -> str | None:
+    """The step tag to resume from (None: start fresh) for ``checkpoint.resume`` = ``mode``:
+    "none" -> None; "latest" -> the step ``latest`` names, CheckpointError if it is damaged (naming the
+    file and the newest intact earlier step); "latest_intact" -> the newest intact step at or before it,
+    with a WARNING when that is not the one ``latest`` names."""
+    if mode == "none" or not os.path.isdir(ckpt_dir):
+        return None
+    latest = os.path.join(ckpt_dir, LATEST)
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    damage = verify_step(os.path.join(ckpt_dir, tag))  # also "missing" when latest names no directory
+    if damage is None:
+        return tag
+    earlier = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("step_") and t < tag), reverse=True)
+    intact = next((t for t in earlier if verify_step(os.path.join(ckpt_dir, t)) is None), None)
+    if mode == "latest_intact" and intact is not None:
+        log.warning("checkpoint: step %d is DAMAGED (%s); checkpoint.resume=latest_intact: resuming from the "
+                    "newest intact step %d instead, the steps after it will be trained again",
+                    _step_of(tag), damage, _step_of(intact))
+        return intact
+    way_out = (f"the newest intact earlier step is {_step_of(intact)}: resume from it with "
+               f"checkpoint.resume=latest_intact" if intact is not None else
+               "no earlier step is intact: start fresh with checkpoint.resume=none or another checkpoint.dir")
+    raise CheckpointError(f"checkpoint step {_step_of(tag)} in {ckpt_dir} is damaged: {damage}; {way_out}")
+
+
+def _write_manifest(work: str, rank: int) -> None:
+    """Collective, after every rank's files are on disk: each rank digests the files it wrote (megatron's
+    ``__{rank}_*.distcp`` shards, its RNG file), rank 0 gathers them, digests the rest and writes the
+    manifest (temporary name, then rename) inside the step directory, before the step is renamed."""
+    all_files = _files(work)
+    mine = [f for f in all_files if os.path.basename(f).startswith(f"__{rank}_") or f == f"rng_rank{rank}.pt"]
+    entries = {rel: _entry(work, rel) for rel in mine}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, entries)
+        entries = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        for rel in all_files:  # metadata, common state, config, files of another naming
+            if rel not in entries:
+                entries[rel] = _entry(work, rel)
+        _write_atomic(os.path.join(work, MANIFEST), json.dumps({"files": entries}, indent=1, sort_keys=True))
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -299,14 +416,32 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def save(self, engine, step: int, client_state: dict, config_yaml: str | None = None) -> str:
-        """Collective: every rank calls it. Returns the final directory."""
+        """Collective: every rank calls it. Returns the final directory; CheckpointError when the files
+        cannot be written (the previous checkpoint stays the one ``latest`` names)."""
+        tag = step_tag(step)
+        work = os.path.join(self.dir, ".tmp", tag)
+        try:
+            return self._save(engine, step, tag, work, client_state, config_yaml)
+        except Exception as e:
+            # A full disk, a quota, a lost mount: torch's writer reports a short write as a RuntimeError
+            # ("unexpected pos"), not an OSError, so every failure is named here; `latest` was not touched.
+            log.debug("checkpoint: saving step %d failed", step, exc_info=True)
+            if self.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)  # debris only
+            previous = read_latest(self.dir)
+            free = shutil.disk_usage(self.dir).free / 2**30
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(
+                f"checkpoint: saving step {step} failed ({type(e).__name__}: {why}; {free:.1f} GiB free in "
+                f"{self.dir}); " + (f"the previous checkpoint {os.path.join(self.dir, previous)} is intact"
+                                   if previous else "no earlier checkpoint exists") +
+                "; free space (or fix the file system) and resume") from e
+
+    def _save(self, engine, step: int, tag: str, work: str, client_state: dict, config_yaml: str | None) -> str:
         from megatron.core import dist_checkpointing
 
         from loopmoe.parallel.megatron_cpu_adapter import cuda_to_cpu
 
-        tag = step_tag(step)
-        tmp_root = os.path.join(self.dir, ".tmp")
-        work = os.path.join(tmp_root, tag)
         final = os.path.join(self.dir, tag)
         if self.rank == 0:
             shutil.rmtree(work, ignore_errors=True)
@@ -325,6 +460,7 @@ class Checkpointer:
         if self.rank == 0 and config_yaml is not None:
             _write_atomic(os.path.join(work, "config.yaml"), config_yaml)
         _barrier()  # every rank's shards are on disk
+        _write_manifest(work, self.rank)
         if self.rank == 0:
             if os.path.exists(final):  # a re-save of the same step (e.g. a signal right after an interval save)
                 shutil.rmtree(final)
@@ -335,13 +471,16 @@ class Checkpointer:
         log.info("checkpoint: saved step %d to %s", step, final)
         return final
 
-    def load(self, engine, tag: str | None = None) -> dict | None:
+    def load(self, engine, tag: str | None = None, verify: bool = True) -> dict | None:
         """Restore model, optimizer, scheduler and this rank's RNG; return the client state (or None).
-        The checkpoint may come from any TP/PP/EP/DP/ZeRO layout."""
+        The checkpoint may come from any TP/PP/EP/DP/ZeRO layout. ``verify``: check the manifest first
+        (pretrain_loopmoe.py has already, in its preflight)."""
         tag = tag or read_latest(self.dir)
         if tag is None:
             return None
         path = os.path.join(self.dir, tag)
+        if verify and (damage := verify_step(path)) is not None:
+            raise CheckpointError(f"checkpoint step {_step_of(tag)} in {self.dir} is damaged: {damage}")
         if not os.path.isdir(os.path.join(path, DIST)):
             return load_weights_only(engine, path)
         common = load_checkpoint_state(engine, path)
@@ -382,7 +521,11 @@ def load_checkpoint_state(engine, step_dir: str) -> dict:
                 k = f"optim.{key or 'master'}.{name}"
                 sd[k] = place.sharded(k, torch.empty_like(t, dtype=torch.float32))
     with cuda_to_cpu():
-        loaded = dist_checkpointing.load(sd, d)
+        try:
+            loaded = dist_checkpointing.load(sd, d)
+        except (EOFError, pickle.UnpicklingError) as e:  # a damaged file in a step without a manifest
+            raise CheckpointError(f"{d}: cannot read the checkpoint ({type(e).__name__}: {e}); a file is "
+                                  "damaged; resume from an earlier step_* directory") from e
     step = float(common["optimizer_step"])
     params = dict(module.named_parameters())
     for name, t in _model_tensors(module):
@@ -464,6 +607,8 @@ def load_trained_model(path: str, tag: str | None = None, linear_backend: str = 
     from loopmoe.model import LoopMoEModel
 
     step_dir = resolve_checkpoint(path, tag)
+    if (damage := verify_step(step_dir)) is not None:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {damage}; pass an earlier step_* directory")
     cfg = load_config(os.path.join(step_dir, "config.yaml"))
     cfg.model.linear_backend = linear_backend
     model = LoopMoEModel(cfg.model)
