@@ -116,6 +116,12 @@ def test_moe_layer_all_gradients_equal_naive(align):
     assert moe.experts.w1.shape == (6, 16, 16)  # stacked storage (checkpoints, export) unchanged
 
 
+def test_unaligned_widths_are_a_clear_config_error():
+    with pytest.raises(ValueError, match=r"model.d_model=16 and model.expert_hidden=12 must be multiples of 8.*"
+                                         r"expert_hidden=16"):
+        make_moe(expert_hidden=12)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -111,6 +111,11 @@ class Experts(nn.Module):
     def __init__(self, cfg, ep_size: int, ep_rank: int, out_std: float):
         super().__init__()
         E, d, h = cfg.n_experts, cfg.d_model, cfg.expert_hidden
+        if d % 8 or h % 8:  # F.grouped_mm: 16-byte row strides (8 bf16 values), on every device
+            up = lambda v: -(-v // 8) * 8  # noqa: E731
+            raise ValueError(f"model.d_model={d} and model.expert_hidden={h} must be multiples of 8 (the grouped "
+                             f"expert GEMM needs 16-byte rows in bf16): use e.g. d_model={up(d)}, "
+                             f"expert_hidden={up(h)}")
         n = E // ep_size
         # Draw all E experts and keep this rank's slice: same weights at every EP size for one seed.
         w1 = torch.empty(E, d, 2 * h).normal_(0.0, cfg.init_std)[ep_rank * n:(ep_rank + 1) * n]
