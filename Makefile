@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 CORPUS := data/corpus/python_docs.jsonl
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus demo test test-fast bench slurm-up clean help
+.PHONY: setup corpus demo test test-fast bench bench-real gpu-wheels gpu-check slurm-up clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,16 @@ test-fast: setup corpus  ## the test suite without the slow tests
 bench: setup corpus  ## benchmarks; results go to docs/benchmarks/
 	$(PY) bench/preprocess.py
 	$(PY) bench/model_step.py
+	$(PY) bench/real_shapes.py --profile
+
+bench-real: setup  ## the real-shape benchmark only (LoopMoE-3B/9B layer shapes; docs/benchmarks/real_shapes.md)
+	$(PY) bench/real_shapes.py --profile
+
+gpu-wheels:  ## download/build the wheels gpu-check installs offline (megatron-core, DeepSpeed, deps) into wheels/
+	bash scripts/gpu_wheels.sh
+
+gpu-check:  ## on a GPU machine (CUDA torch, no network): GPU tests, bf16/FP8 steps, MFU -> docs/benchmarks/gpu.md
+	bash scripts/gpu_check.sh
 
 slurm-up:  ## start a one-node Slurm cluster on localhost for the Slurm tests (root; Debian packages)
 	bash scripts/slurm_up.sh

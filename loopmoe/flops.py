@@ -219,11 +219,25 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flops(mat_a, mat_b, *args, out_val=None, **kwargs) -> int:
+    """2 x rows x K x N for the routed experts' 2d x 3d grouped GEMM (torch's registry has no formula).
+    Raw tensors (``_get_raw``): the rows in groups are ``offs[-1]``, which includes any alignment
+    padding (none on the CPU; see moe.grouped_swiglu)."""
+    offs = kwargs.get("offs", args[0] if args else None)
+    rows = int(offs[-1]) if offs is not None and offs.numel() else mat_a.shape[0]
+    return 2 * rows * mat_a.shape[-1] * mat_b.shape[-1]
+
+
+_grouped_mm_flops._get_raw = True  # FlopCounterMode: pass the tensors, not their shapes
+
+
 def measure_forward_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Total forward FLOPs of ``model(tokens)`` counted by ``FlopCounterMode`` (matmuls and attention).
 
     FlopCounterMode counts mm/bmm/addmm/SDPA, no element-wise ops, and SDPA without causal discount
-    -- i.e. our convention. Two details make the comparison exact:
+    -- i.e. our convention. Three details make the comparison exact:
+    * the routed experts' grouped GEMM (``aten._grouped_mm``) has no formula in torch's registry; we
+      register one (``_grouped_mm_flops``);
     * the CPU flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``) has no formula
       in torch's registry (it would count 0); we register the same formula torch uses on GPU;
     * routed experts only run on the tokens routed to them, so the count depends on the routing --
@@ -237,6 +251,7 @@ def measure_forward_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         mapping[cpu_sdpa] = _sdpa_cpu_flops
+    mapping[torch.ops.aten._grouped_mm] = _grouped_mm_flops
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(tokens)
     return counter.get_total_flops()

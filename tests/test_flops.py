@@ -120,7 +120,8 @@ def test_flop_counter_independent_of_routing():
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flops._sdpa_cpu_flops}) as counter:
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flops._sdpa_cpu_flops,
+            torch.ops.aten._grouped_mm: flops._grouped_mm_flops}) as counter:
         model(tokens, force_routing=force)
     assert counter.get_total_flops() == free
 

@@ -18,7 +18,8 @@ Backends (``ModelConfig.linear_backend``):
   so a model built with the same seed has the same logical weights at every TP size.
 - ``"te"``: Transformer Engine ``te.pytorch.Linear`` for the block linears (attention, shared and
   dense FFN), for FP8 on Hopper GPUs. Embedding and LM head stay megatron-core (kept in high
-  precision, as is usual for FP8 recipes); routed experts are our stacked weights (not FP8 yet).
+  precision, as is usual for FP8 recipes); the routed experts are two TE ``GroupedLinear`` (so FP8
+  covers them too; see ``_te_experts_class``).
 - ``"torch"``: plain ``nn.Embedding`` / ``nn.Linear``; single process (TP=1) only. Used for
   meta-device parameter/FLOP counting and as the reference in tests.
 
@@ -131,6 +132,74 @@ def _te_class(te):
     return TELinear
 
 
+@functools.cache
+def _te_experts_class(te):
+    from loopmoe.model.moe import group_rows
+
+    class TEExperts(nn.Module):
+        """Routed SwiGLU experts as two TE ``GroupedLinear`` (fc1: d -> 2h gate|up, fc2: h -> d), so
+        that FP8 covers the experts, most of an MoE's FLOPs. Built from a ``moe.Experts`` (same weights
+        for one seed on every backend); the state dict keeps that module's stacked ``w1`` [E, d, 2h] /
+        ``w2`` [E, h, d] (checkpoints and export do not depend on the backend).
+
+        TE takes the group sizes as a host list (``m_splits``): one device-to-host read per layer,
+        which its API needs. Groups are padded to 16 rows (FP8 GEMMs want multiples of 16), the same
+        padding as ``moe.grouped_swiglu``.
+        """
+
+        align = 16
+
+        def __init__(self, ref):
+            super().__init__()
+            n, d, h2 = ref.w1.shape
+            dev, dt = "cuda", ref.w1.dtype
+            self.fc1 = te.GroupedLinear(n, d, h2, bias=False, params_dtype=dt, device=dev)
+            self.fc2 = te.GroupedLinear(n, h2 // 2, d, bias=False, params_dtype=dt, device=dev)
+            self.n = n
+            self._load_stacked(ref.w1.detach(), ref.w2.detach())
+            for p in self.parameters():  # the expert-parallel marks of the stacked weights
+                for attr in ("allreduce", "group_name"):
+                    if hasattr(ref.w1, attr):
+                        setattr(p, attr, getattr(ref.w1, attr))
+            self._register_state_dict_hook(TEExperts._to_stacked)
+            self._register_load_state_dict_pre_hook(self._from_stacked)
+
+        @torch.no_grad()
+        def _load_stacked(self, w1, w2):
+            for e in range(self.n):  # TE weights are [out, in]
+                getattr(self.fc1, f"weight{e}").copy_(w1[e].T)
+                getattr(self.fc2, f"weight{e}").copy_(w2[e].T)
+
+        def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+            w1 = torch.stack([getattr(self.fc1, f"weight{e}").T for e in range(self.n)])  # [E, d, 2h]
+            w2 = torch.stack([getattr(self.fc2, f"weight{e}").T for e in range(self.n)])  # [E, h, d]
+            return w1, w2
+
+        @staticmethod
+        def _to_stacked(module, state, prefix, _meta):
+            for fc in ("fc1", "fc2"):
+                for e in range(module.n):
+                    state.pop(f"{prefix}{fc}.weight{e}", None)
+            w1, w2 = module.stacked()
+            state[prefix + "w1"], state[prefix + "w2"] = w1.detach(), w2.detach()
+            return state
+
+        def _from_stacked(self, state, prefix, *_args):
+            if prefix + "w1" in state:
+                w1, w2 = state.pop(prefix + "w1"), state.pop(prefix + "w2")
+                for e in range(self.n):
+                    state[f"{prefix}fc1.weight{e}"] = w1[e].T.contiguous()
+                    state[f"{prefix}fc2.weight{e}"] = w2[e].T.contiguous()
+
+        def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [N, d] -> [N, d]
+            xp, pos, padded = group_rows(x, counts, self.align)  # xp [n_pad, d]
+            splits = padded.tolist()  # TE's API takes host sizes (see the class docstring)
+            g, u = self.fc1(xp, splits).chunk(2, dim=-1)  # [n_pad, h] each
+            return self.fc2(torch.nn.functional.silu(g) * u, splits).index_select(0, pos)
+
+    return TEExperts
+
+
 class Linears:
     """Factory for the model's linear layers and embedding; see the module docstring."""
 
@@ -170,6 +239,18 @@ class Linears:
         _, Row, _ = _megatron_classes()
         return Row(n_in, n_out, config=self.mcore, init_method=normal_init(std), bias=False,
                    input_is_parallel=True, skip_bias_add=False)
+
+    def experts(self, cfg, ep_size: int, ep_rank: int, out_std: float) -> nn.Module:
+        """The routed experts: ``moe.Experts`` (stacked weights, grouped GEMM) or, on the ``te``
+        backend, the same experts as TE ``GroupedLinear``s. Both: ``experts(x [N, d], counts [E]) -> [N, d]``."""
+        from loopmoe.model.moe import Experts
+
+        if self.backend != "te":
+            return Experts(cfg, ep_size, ep_rank, out_std)
+        if cfg.dispatch == "einsum":
+            raise ValueError("model.dispatch='einsum' (capacity buffers) needs linear_backend='megatron' or "
+                             "'torch': TE's GroupedLinear runs the index dispatch only")
+        return _te_experts_class(self._te)(Experts(cfg, ep_size, ep_rank, out_std))
 
     def embedding(self, vocab: int, d: int, std: float) -> nn.Module:
         if vocab % self.tp:

@@ -36,6 +36,13 @@ from torch import nn
 from loopmoe.model.recompute import is_recomputing
 
 
+def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] int64 occurrences of each expert in ``idx``. (``torch.bincount`` on CUDA reads the maximum
+    back to the host to size its output: a synchronisation per layer; a scatter-add does not.)"""
+    flat = idx.reshape(-1).long()
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 @dataclass
 class Routing:
     """What one MoE pass decided (T = tokens on this rank)."""
@@ -71,7 +78,7 @@ class Router(nn.Module):
             gates = logits.gather(1, topk).softmax(dim=-1)  # [T, k], sums to 1
         else:
             gates = probs.gather(1, topk)  # [T, k], not renormalised
-        load = torch.bincount(topk.reshape(-1), minlength=E)  # [E]
+        load = count_per_expert(topk, E)  # [E]
         lb = E * (load.float() / (T * k) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         if self.training and self.aux_free and not is_recomputing():  # a recompute must not count twice
@@ -86,8 +93,9 @@ class Router(nn.Module):
         for group in groups:
             if torch.distributed.get_world_size(group) > 1:
                 torch.distributed.all_reduce(load, group=group)
-        if load.sum() > 0:
-            self.bias += rate * torch.sign(load.mean() - load)
+        # No update without loads (no training pass since the last call); masked, not an ``if`` on a
+        # device value, so the step does not wait for the GPU here.
+        self.bias += rate * torch.sign(load.mean() - load) * (load.sum() > 0)
         load.zero_()
 
 
@@ -105,28 +113,69 @@ class Experts(nn.Module):
     def __init__(self, cfg, ep_size: int, ep_rank: int, out_std: float):
         super().__init__()
         E, d, h = cfg.n_experts, cfg.d_model, cfg.expert_hidden
+        if d % 8 or h % 8:  # F.grouped_mm: 16-byte row strides (8 bf16 values), on every device
+            up = lambda v: -(-v // 8) * 8  # noqa: E731
+            raise ValueError(f"model.d_model={d} and model.expert_hidden={h} must be multiples of 8 (the grouped "
+                             f"expert GEMM needs 16-byte rows in bf16): use e.g. d_model={up(d)}, "
+                             f"expert_hidden={up(h)}")
         n = E // ep_size
         # Draw all E experts and keep this rank's slice: same weights at every EP size for one seed.
         w1 = torch.empty(E, d, 2 * h).normal_(0.0, cfg.init_std)[ep_rank * n:(ep_rank + 1) * n]
         w2 = torch.empty(E, h, d).normal_(0.0, out_std)[ep_rank * n:(ep_rank + 1) * n]
         self.w1, self.w2 = nn.Parameter(w1.clone()), nn.Parameter(w2.clone())
+        self.align: int | None = None  # group row alignment; None: chosen by device (group_align)
         if ep_size > 1:  # see the class docstring for why not at ep_size=1
             for p in (self.w1, self.w2):
                 p.allreduce = False
                 p.group_name = f"ep_size_{ep_size}"
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [N, d] sorted by local expert, counts[e] rows each -> [N, d]."""
-        outs = []
-        for e, xe in enumerate(x.split(counts)):
-            g, u = (xe @ self.w1[e]).chunk(2, dim=-1)  # [n_e, h] each
-            outs.append((F.silu(g) * u) @ self.w2[e])  # [n_e, d]
-        return torch.cat(outs) if outs else x
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, d] sorted by local expert, counts [E_local] (a device tensor) rows each -> [N, d].
+
+        One grouped GEMM per weight (``F.grouped_mm``), never a per-expert loop over the stacked
+        weights (each ``w1[e]`` select would materialise a zero gradient of the whole [E, d, 2h]
+        tensor in the backward). No host synchronisation: the group offsets stay on the device.
+        """
+        return grouped_swiglu(x, counts, self.w1, self.w2, self.group_align(x))
+
+    def group_align(self, x: torch.Tensor) -> int:
+        """Row alignment of every expert's group: Hopper's grouped GEMM (TMA) wants each group to start
+        at a 16-byte boundary (8 bf16 rows; torchtitan pads the same way); the CPU kernel does not."""
+        if self.align is not None:  # set by tests to exercise the padding on the CPU
+            return self.align
+        return 16 // x.element_size() if x.is_cuda else 1
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [E_local, C, d] (capacity buffer) -> [E_local, C, d]."""
         g, u = torch.bmm(x, self.w1).chunk(2, dim=-1)
         return torch.bmm(F.silu(g) * u, self.w2)
+
+
+def group_rows(x: torch.Tensor, counts: torch.Tensor, align: int):
+    """Lay the rows of x [N, d] (sorted by expert, counts [E]) out with every group padded to a
+    multiple of ``align`` rows (zero rows), in a buffer of the static size N + E*(align-1) -- an upper
+    bound known without reading ``counts`` on the host. The last group absorbs the slack, so every row
+    of the buffer belongs to a group (no uninitialised rows reach the backward) and shapes do not
+    depend on the routing. Returns (buffer [n_pad, d], pos [N] row of each x row in it, sizes [E]
+    rows per group, summing to n_pad). ``align=1``: no padding (pos = arange)."""
+    N, E = x.shape[0], counts.numel()
+    n_pad = N + E * (align - 1)
+    padded = (counts + align - 1) // align * align  # [E] rows per group after padding
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] padded start - start
+    pos = torch.arange(N, device=x.device) + shift.repeat_interleave(counts, output_size=N)  # [N]
+    padded[-1] += n_pad - N - (padded - counts).sum()  # slack rows to the last group
+    return x.new_zeros(n_pad, x.shape[1]).index_copy(0, pos, x), pos, padded
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   align: int = 1) -> torch.Tensor:
+    """SwiGLU experts on rows grouped by expert: x [N, d], counts [E] -> [N, d]; w1 [E, d, 2h], w2 [E, h, d].
+    Two grouped GEMMs on the padded layout of ``group_rows``; group ends stay on the device."""
+    xp, pos, sizes = group_rows(x, counts, align)  # xp [n_pad, d]
+    offs = sizes.cumsum(0).to(torch.int32)  # [E] group ends, the last == n_pad
+    g, u = F.grouped_mm(xp, w1, offs=offs).chunk(2, dim=-1)  # [n_pad, h] each
+    yp = F.grouped_mm(F.silu(g) * u, w2, offs=offs)  # [n_pad, d]
+    return yp.index_select(0, pos)  # [N, d]
 
 
 class SwiGLU(nn.Module):
@@ -158,7 +207,7 @@ class MoE(nn.Module):
         self.ep_group = expert_group(ep_size) if ep_size > 1 else None
         ep_rank = torch.distributed.get_rank(self.ep_group) if ep_size > 1 else 0
         self.router = Router(cfg)
-        self.experts = Experts(cfg, ep_size, ep_rank, out_std)
+        self.experts = lin.experts(cfg, ep_size, ep_rank, out_std)  # stacked, or TE GroupedLinear
         h_shared = cfg.n_shared_experts * cfg.expert_hidden  # n SwiGLUs of width h == one of width n*h
         self.shared = SwiGLU(cfg.d_model, h_shared, lin, cfg.init_std, out_std) if h_shared else None
 
@@ -184,18 +233,19 @@ class MoE(nn.Module):
         T, k = topk.shape
         flat = topk.reshape(-1)  # [T*k] expert of each token-slot
         order = flat.argsort(stable=True)  # slots grouped by expert, token order inside a group
-        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        counts = count_per_expert(flat, self.n_experts)  # [E]
         if self.capacity_factor > 0:
             starts = counts.cumsum(0) - counts  # first sorted position of each expert
-            rank_in_expert = torch.arange(T * k, device=flat.device) - starts.repeat_interleave(counts)
-            keep = rank_in_expert < self.capacity(T)
+            slot = torch.arange(T * k, device=flat.device)
+            rank_in_expert = slot - starts.repeat_interleave(counts, output_size=T * k)
+            keep = rank_in_expert < self.capacity(T)  # order[keep]: a host sync (the kept count)
             order, counts = order[keep], counts.clamp(max=self.capacity(T))
         token = order // k  # [N] source token of every kept slot
         xs = x[token]  # [N, d] token copies, sorted by expert
         if self.ep_size > 1:
             ys = run_experts(self.experts, xs, counts, self.ep_size, self.ep_group)
         else:
-            ys = self.experts(xs, counts.tolist())  # [N, d]
+            ys = self.experts(xs, counts)  # [N, d]
         w = gates.reshape(-1)[order].unsqueeze(1)  # [N, 1] fp32
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys.float() * w).to(x.dtype)  # [T, d]
@@ -269,9 +319,10 @@ def run_experts(experts: Experts, xs: torch.Tensor, counts: torch.Tensor, ep: in
     torch.distributed.all_to_all_single(recv, send.contiguous(), group=group)  # slots each rank sends me
     send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
     xr = _AllToAllV.apply(xs, recv_splits, send_splits, group)  # [M, d] by source rank, then expert
-    expert_of_row = torch.arange(n_local, device=xs.device).repeat(ep).repeat_interleave(recv.reshape(-1))
+    expert_of_row = torch.arange(n_local, device=xs.device).repeat(ep).repeat_interleave(
+        recv.reshape(-1), output_size=xr.shape[0])
     perm = expert_of_row.argsort(stable=True)  # group received rows by local expert
-    ys_sorted = experts(xr[perm], recv.sum(0).tolist())
+    ys_sorted = experts(xr[perm], recv.sum(0))
     yr = ys_sorted[perm.argsort()]  # back to (source rank, expert) order
     return _AllToAllV.apply(yr, send_splits, recv_splits, group)  # [N, d]
 
