@@ -81,6 +81,9 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     setup.setup_logging(denv.rank)
     setup.log.info("distributed: %s launcher, rank %d of %d, TP=%d PP=%d EP=%d DP=%d", denv.launcher, denv.rank,
                    denv.world_size, p.tp, p.pp, p.ep, layout.dp)
+    if denv.is_main:  # per-rank memory estimate of this layout; a warning when it exceeds the device
+        from loopmoe.memory import log_estimate
+        log_estimate(cfg, layout, setup.log)
     setup.seed_everything(cfg.train.seed)
     run_dir = cfg.logging.run_dir
     cfg.checkpoint.dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")

@@ -83,18 +83,19 @@ def run_torchrun(script: str, nproc: int = 2, timeout: int = 240):
     return res
 
 
-def cpu_peak_bytes(fn) -> tuple[int, int]:
-    """(peak, final) growth of the bytes that torch's CPU allocator holds while ``fn()`` runs, relative to
-    its start: every allocation and free in the window is recorded by torch.profiler (profile_memory) and
-    replayed in time order. A measurement of real allocations, independent of any estimate."""
+def cpu_peak_bytes(fn) -> tuple[int, int, int]:
+    """(peak, final, lowest) growth of the bytes that torch's CPU allocator holds while ``fn()`` runs,
+    relative to its start: every allocation and free in the window is recorded by torch.profiler
+    (profile_memory) and replayed in time order. A measurement of real allocations, independent of any
+    estimate. ``lowest`` < 0 means memory allocated before the window was freed inside it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type().name == "CPU")
-    live = peak = 0
+    live = peak = low = 0
     for _, n in events:
         live += n
-        peak = max(peak, live)
-    return peak, live
+        peak, low = max(peak, live), min(low, live)
+    return peak, live, low
