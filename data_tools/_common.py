@@ -162,10 +162,7 @@ class InputFile:
                 self._raw.close()
                 raise DataToolError(f"{path} is zstandard-compressed, which needs the zstandard package: "
                                     f"pip install zstandard") from None
-            # read_across_frames: files written by several zstd processes (pzstd, cat a.zst b.zst) have
-            # more than one frame; without it the reader would stop silently after the first.
-            reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
-            self.stream = io.BufferedReader(reader, 1 << 20)  # type: ignore[assignment]
+            self.stream = io.BufferedReader(ZstdFrames(self._raw, zstandard), 1 << 20)  # type: ignore[assignment]
 
     def position(self) -> int:
         return self._raw.tell()
@@ -180,6 +177,47 @@ class InputFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a .zst file: every frame (pzstd and `cat a.zst b.zst` write several), and an
+    EOFError when the file ends inside a frame. zstandard's stream_reader returns a truncated download's
+    partial data as if the file were complete; a dataset must not silently lose its tail."""
+
+    def __init__(self, raw: BinaryIO, zstandard) -> None:
+        self._raw, self._d = raw, zstandard.ZstdDecompressor()
+        self._obj = self._d.decompressobj()
+        self._buf, self._pos = b"", 0
+        self._in_frame = self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        while self._pos >= len(self._buf) and not self._eof:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the zstandard data ends inside a frame (a truncated file?)")
+                self._eof = True
+                break
+            self._buf, self._pos = self._decompress(chunk), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._in_frame = True
+            out.append(self._obj.decompress(data))
+            if not self._obj.eof:
+                break
+            data = self._obj.unused_data  # the next frame starts here
+            self._obj = self._d.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
 
 
 def read_error(path: str, err: Exception) -> DataToolError:

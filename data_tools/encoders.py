@@ -6,16 +6,16 @@ a sentencepiece model proto) and returns an ``Encoder``: ``vocab_size``, ``eod``
 back to back in the output dtype, EOD appended when asked.
 
 Sentencepiece, exact and faster than calling its encoder on every document: a word cache.
-sentencepiece BPE (and unigram) never builds a piece across a point where no vocabulary piece can
+sentencepiece BPE never builds a piece across a point where no vocabulary piece can
 span it. With the identity normaliser (what data_tools/train_tokenizer.py trains) a space becomes "▁",
 and when no piece has a "▁" right after another character, a piece never crosses the start of a run
 of spaces: the document splits there into chunks ("▁▁▁▁return", "▁x,\\n") that tokenise independently.
 So each distinct chunk is encoded once (by sentencepiece itself) and its ids reused; the output is the
-same as ``sp.encode(document)`` token for token (tests/test_preprocess_speed.py checks it on random
+same as ``sp.encode(document)`` token for token (tests/test_word_cache.py checks it on random
 strings of spaces, "▁", newlines, digits and non-ASCII, and bench/preprocess.py checks the bytes
 against Megatron's own script). Text has a Zipf vocabulary, so most chunks are hits: about half the
 CPU time of the encoder alone on real text. Models where the property does not hold (another
-normaliser, removed extra spaces, pieces with inner "▁") are encoded document by document, and the
+normaliser, removed extra spaces, pieces with inner "▁", unigram models) are encoded document by document, and the
 reason is logged.
 
 Hugging Face: ``tokenizers.Tokenizer.from_file`` and its batch encoder (Rust; it has its own word
@@ -26,6 +26,7 @@ as megatron-core's HuggingFaceTokenizer does by default.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from data_tools.indexed import optimal_dtype
 
 # End-of-text tokens of common tokenizers: GPT-2/Qwen/StarCoder, Llama 3, Llama 2/Mistral/T5, Gemma.
 KNOWN_EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
-MAX_CACHE = 1 << 20  # cached chunks per process (~200 MB); cleared when full
+MAX_CACHE = 2 << 20  # cached chunks per process (~300 MB); cleared when full
 MAX_CACHED_CHUNK = 64  # characters; longer chunks (base64, minified code) are encoded but not kept
 
 # A chunk: a run of spaces (or literal "▁", which sentencepiece treats alike), then non-space
@@ -117,8 +118,9 @@ def chunking_blocker(sp) -> str | None:
     m = pb.ModelProto()
     m.ParseFromString(sp.serialized_model_proto())
     n, t = m.normalizer_spec, m.trainer_spec
-    if t.model_type not in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM):
-        return f"model type {pb.TrainerSpec.ModelType.Name(t.model_type)} (only BPE and unigram are chunked)"
+    if t.model_type != pb.TrainerSpec.BPE:
+        # Unigram: its Viterbi path over unknown characters (byte fallback) was seen to differ once cut.
+        return f"model type {pb.TrainerSpec.ModelType.Name(t.model_type)} (only BPE is cached)"
     if n.name != "identity" or n.precompiled_charsmap:
         return f"normaliser {n.name!r} (it may change spaces; only 'identity' is chunked)"
     if not (n.add_dummy_prefix and n.escape_whitespaces) or n.remove_extra_whitespaces:
@@ -157,23 +159,37 @@ class SentencePieceEncoder(Encoder):
         self.note = ("word cache (exact: no piece crosses a run of spaces)" if self.chunked else
                      f"document by document, no word cache: {blocker}")
         self._cache: dict[str, bytes] = {}
+        try:  # sentencepiece >= 0.2.1 returns numpy arrays straight from C++ (no Python int lists)
+            self.sp.encode(["a"], return_type="numpy", num_threads=1)
+            self._numpy = True
+        except (TypeError, ValueError):
+            self._numpy = False
+
+    def _encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        if self._numpy:
+            return self.sp.encode(texts, return_type="numpy", num_threads=1)
+        return [np.asarray(d, dtype=np.int32) for d in self.sp.encode(texts, out_type=int, num_threads=1)]
 
     def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         if not self.chunked:
-            ids = self.sp.encode(texts, out_type=int, num_threads=1)
-            return join_documents(ids, self.eod, self.dtype)
+            return join_documents(self._encode_arrays(texts), self.eod, self.dtype)
         findall, cache = _CHUNK.findall, self._cache
         # " " in front: every chunk then starts with a space, and encoding chunk[1:] with the model's
         # dummy prefix gives back that space as "▁" (for the first chunk it is the dummy prefix itself).
         chunked = [findall(" " + t) for t in texts]
-        miss = set().union(*chunked).difference(cache)
+        distinct = set().union(*chunked)
+        miss = distinct.difference(cache)
+        if len(cache) + len(miss) > MAX_CACHE:  # full: start again (the hits of this batch included)
+            cache.clear()
+            miss = distinct
         long: list[str] = []
         if miss:
-            if len(cache) + len(miss) > MAX_CACHE:
-                cache.clear()
             keys = list(miss)
+            # Python int lists, flattened in C: faster here than sentencepiece's numpy output, which
+            # wraps every (short) chunk in its own array.
             ids = self.sp.encode([k[1:] for k in keys], out_type=int, num_threads=1)
-            flat = np.fromiter((i for d in ids for i in d), dtype=self._le).tobytes()
+            total = sum(map(len, ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self._le, count=total).tobytes()
             size, pos = self._le.itemsize, 0
             for k, d in zip(keys, ids):
                 end = pos + size * len(d)

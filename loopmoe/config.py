@@ -86,7 +86,7 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)  # blend weights (empty = equal)
     split: str = "98,1,1"  # train,valid,test proportions
     seq_len: int = 256  # tokens per training sample
-    tokenizer_model: str = ""  # sentencepiece .model
+    tokenizer_model: str = ""  # sentencepiece .model or Hugging Face tokenizer.json (told apart by content)
     cache_dir: str = ""  # where dataset indices are cached (default: <run_dir>/data_cache)
     seed: int = 1234  # seed of the sample shuffle (dataset indices)
 

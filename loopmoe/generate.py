@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", help="step directory name inside --checkpoint (default: latest)")
     ap.add_argument("--prompt", default="", help="text to continue (default: empty; the context starts with EOS, "
                     "as a new document does in the training data)")
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer_model of the checkpoint's config)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: data.tokenizer_model of the checkpoint's config)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-k", type=int, default=40, help="sample among the k most likely; 0 = all (default: %(default)s)")
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     args = ap.parse_args(argv)
 
-    import sentencepiece as spm
-
+    from loopmoe.data.tokenizer import TextTokenizer
     from loopmoe.train.checkpoint import load_trained_model
 
     model, cfg = load_trained_model(args.checkpoint, args.tag)
@@ -79,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if not tok_path:
         print("error: the checkpoint's config names no tokenizer; pass --tokenizer PATH.model", file=sys.stderr)
         return 2
-    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    sp = TextTokenizer(tok_path)  # sentencepiece .model or tokenizer.json
     # Training data has no BOS: documents are separated by EOS, so a new text starts after an EOS.
-    ids = [sp.eos_id()] + sp.encode(args.prompt)
+    ids = [sp.eos_id] + sp.encode(args.prompt)
     t0 = time.perf_counter()
     out = generate(model, torch.tensor([ids]), args.max_new_tokens, 0.0 if args.greedy else args.temperature,
-                   args.top_k, eos_id=sp.eos_id(), use_cache=not args.no_cache, exit_after=args.exit_after,
+                   args.top_k, eos_id=sp.eos_id, use_cache=not args.no_cache, exit_after=args.exit_after,
                    seed=args.seed)
     dt = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()

@@ -357,6 +357,17 @@ def spm_special_ids(spm_path: str) -> dict[str, int | None]:
     return {"unk": get(sp.unk_id()), "bos": get(sp.bos_id()), "eos": get(sp.eos_id()), "pad": get(sp.pad_id())}
 
 
+def json_tokenizer(text_tok, model_max_length: int = 4096):
+    """A ``PreTrainedTokenizerFast`` over a tokenizer.json, its eos (the training EOD), bos, pad, unk named."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = text_tok.hf._tok
+    name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
+    return PreTrainedTokenizerFast(tokenizer_file=text_tok.path, eos_token=name(text_tok.eos_id),
+                                   bos_token=name(text_tok.bos_id), pad_token=name(text_tok.pad_id),
+                                   unk_token=name(text_tok.unk_id), model_max_length=model_max_length)
+
+
 def build_tokenizer(spm_path: str, model_max_length: int = 4096):
     """A ``PreTrainedTokenizerFast`` (tokenizers BPE) encoding exactly like the sentencepiece BPE model.
 
@@ -438,17 +449,24 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
                     "logits differ where the training forward would drop tokens", mc.capacity_factor)
     tok_path = tokenizer or (cfg.data.tokenizer_model if cfg.data.tokenizer_model and
                              os.path.isfile(cfg.data.tokenizer_model) else None)
-    ids = spm_special_ids(tok_path) if tok_path else dict(DEFAULT_IDS)
-    if tok_path:
-        import sentencepiece as spm
+    from loopmoe.data.tokenizer import TextTokenizer
 
-        n = spm.SentencePieceProcessor(model_file=tok_path).vocab_size()
+    text_tok = TextTokenizer(tok_path) if tok_path else None  # a sentencepiece .model or a tokenizer.json
+    tok_json = text_tok is not None and text_tok.is_json
+    ids = (spm_special_ids(tok_path) if not tok_json else
+           {"unk": text_tok.unk_id, "bos": text_tok.bos_id, "eos": text_tok.eos_id, "pad": text_tok.pad_id}
+           ) if tok_path else dict(DEFAULT_IDS)
+    if tok_path:
+        n = text_tok.vocab_size
         if n > mc.vocab_size:
             raise ValueError(f"{tok_path} has {n} pieces, more than the model's vocab_size {mc.vocab_size}: "
                              "wrong tokenizer for this checkpoint?")
     if not tok_path:
         log.warning("no tokenizer (pass --tokenizer PATH.model): ids bos/eos/pad default to %s", DEFAULT_IDS)
-    hf_tok = build_tokenizer(tok_path, model_max_length=mc.max_seq_len) if tok_path else None  # checked first
+    if tok_json:  # already a Hugging Face tokenizer: wrapped as it is, with its special tokens named
+        hf_tok = json_tokenizer(text_tok, model_max_length=mc.max_seq_len)
+    else:
+        hf_tok = build_tokenizer(tok_path, model_max_length=mc.max_seq_len) if tok_path else None  # checked first
     sd = model.state_dict()
     chosen, why = choose_arch(mc, sd, arch)
     hf = build_hf_model(model, mc, ids, chosen)
@@ -479,7 +497,8 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
         tc.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
         with open(tc_path, "w") as f:
             json.dump(tc, f, indent=2, sort_keys=True)
-        shutil.copyfile(tok_path, os.path.join(out, SPM_COPY))
+        if not tok_json:
+            shutil.copyfile(tok_path, os.path.join(out, SPM_COPY))
     from loopmoe.config import to_dict
 
     summary = {"arch": chosen, "why": why, "dtype": dtype, "source": source, "tokenizer": tok_path,
@@ -504,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (uses 'latest') or a step_* dir")
     ap.add_argument("--tag", help="step directory inside --checkpoint (default: latest)")
     ap.add_argument("--out", required=True, help="output folder (created; old weight shards in it are replaced)")
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer_model of the checkpoint's config)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: data.tokenizer_model of the checkpoint's config)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="weight dtype written (default: %(default)s, lossless from fp32 master weights)")
     ap.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default: %(default)s)")
