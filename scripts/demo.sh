@@ -57,9 +57,13 @@ echo "the paper's nine benchmarks, once their data files are local (see docs/exp
 echo "  $PY -m loopmoe.eval --model $RUN/hf --tasks loopmoe_paper --data-dir DATA_DIR"
 echo "or plain lm-eval: lm_eval --model hf --model_args pretrained=$RUN/hf,trust_remote_code=True --tasks piqa"
 
+say "curves of the run: python -m loopmoe.plot $RUN"
+$PY -m loopmoe.plot "$RUN"
+
 say "artefacts"
 echo "tokenizer:    $OUT/tokenizer.model"
 echo "token files:  $OUT/python_docs_text_document.{bin,idx}"
 echo "run:          $RUN (config.yaml, metrics.jsonl, tensorboard/)"
+echo "plots:        $RUN/plots/{loss,lr,grad_norm,throughput,routing}.png"
 echo "checkpoints:  $RUN/checkpoints (latest -> $(cat "$RUN/checkpoints/latest"))"
 echo "export:       $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"

@@ -78,6 +78,7 @@ class MetricsLogger(Callback):
                "tflops_per_device": tflops, "consumed_samples": trainer.state.consumed_samples}
         if self.peak > 0:
             rec["mfu"] = tflops / self.peak
+            rec["peak_tflops"] = self.peak  # stated, by GPU name, or measured on the CPU (loopmoe/train/peak.py)
         if torch.cuda.is_available():
             rec["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:
