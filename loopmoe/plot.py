@@ -83,7 +83,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     ax.plot(*_series(train, "lm_loss"), label="train LM loss", lw=1.2)
     exits = _keys(val, r"val/loss_exit(\d+)")
     for k, key in exits:
-        ax.plot(*_series(val, key), marker="o", ms=3, lw=1, label=f"validation, exit {k}")
+        final = " (final)" if k == exits[-1][0] else ""
+        ax.plot(*_series(val, key), marker="o", ms=3, lw=1, label=f"validation, exit {k}{final}")
     if not exits:
         ax.plot(*_series(val, "val/loss"), marker="o", ms=3, lw=1, label="validation")
     written.append(_finish(fig, ax, os.path.join(out_dir, "loss.png"), f"{name}: loss", "loss (nats/token)"))
@@ -97,18 +98,24 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     written.append(_finish(fig, ax, os.path.join(out_dir, "grad_norm.png"),
                            f"{name}: global gradient norm (before clipping)", "grad norm"))
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.plot(*_series(train, "tokens_per_s"), lw=1.2, color="C0", label="tokens/s")
+    # Two panels, not twin axes: MFU is tokens/s times a constant, the two curves would lie on each other.
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True)
+    ax.plot(*_series(train, "tokens_per_s"), lw=1.2)
     ax.set_ylim(bottom=0)
+    ax.set_ylabel("tokens/s (all devices)")
+    ax.set_title(f"{name}: throughput", fontsize=10)
+    ax.grid(alpha=0.3)
     steps_mfu, mfu = _series(train, "mfu")
+    peaks = {r["peak_tflops"] for r in train.values() if "peak_tflops" in r}
     if mfu:
-        ax2 = ax.twinx()
-        ax2.plot(steps_mfu, [100 * m for m in mfu], lw=1.2, color="C1", label="MFU")
-        ax2.set_ylabel("MFU (%)", color="C1")
+        ax2.plot(steps_mfu, [100 * m for m in mfu], lw=1.2, color="C1")
         ax2.set_ylim(bottom=0)
-        ax.plot([], [], color="C1", label="MFU (right axis)")  # one legend for both axes
-    title = f"{name}: throughput" + ("" if mfu else " (no MFU: peak unknown)")
-    written.append(_finish(fig, ax, os.path.join(out_dir, "throughput.png"), title, "tokens/s (all devices)"))
+        peak_txt = f", peak {max(peaks):.3g} TFLOP/s per device" if len(peaks) == 1 else ""
+        mfu_title = f"model FLOPs utilisation{peak_txt}"
+    else:
+        ax2.text(0.5, 0.5, "no MFU: peak unknown (set logging.peak_tflops)", ha="center", transform=ax2.transAxes)
+        mfu_title = "model FLOPs utilisation"
+    written.append(_finish(fig, ax2, os.path.join(out_dir, "throughput.png"), mfu_title, "MFU (%)"))
 
     imb = _keys(val, r"val/imbalance_l(\d+)")
     div = _keys(val, r"val/divergence_l(\d+)")
