@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Literal, NoReturn
 
-InputFormat = Literal["jsonl", "text"]
+InputFormat = Literal["jsonl", "text", "parquet"]
 
 # The demo corpus made by `make corpus` (scripts/get_corpus.py); the tools' default input.
 DEFAULT_CORPUS = "data/corpus/python_docs.jsonl"
@@ -24,6 +25,8 @@ DEFAULT_CORPUS = "data/corpus/python_docs.jsonl"
 DEFAULT_TOKENIZER_PREFIX = "data/tokenizer/spm"
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 EXIT_USAGE = 2  # bad flags or bad input (argparse uses 2 as well)
 EXIT_SIGINT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_SIGTERM = 143  # 128 + SIGTERM
@@ -125,15 +128,22 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def input_format(path: str, forced: str = "auto") -> InputFormat:
-    """``jsonl`` for *.jsonl / *.json / *.ndjson (optionally .gz), else ``text``; ``forced`` wins."""
-    if forced in ("jsonl", "text"):
+    """``parquet`` for *.parquet, ``jsonl`` for *.jsonl / *.json / *.ndjson (optionally .gz / .zst),
+    else ``text``; ``forced`` wins."""
+    if forced in ("jsonl", "text", "parquet"):
         return forced  # type: ignore[return-value]
-    name = path[:-3] if path.endswith(".gz") else path
-    return "jsonl" if name.lower().endswith(JSONL_SUFFIXES) else "text"
+    name = path.lower()
+    for ext in COMPRESSED_SUFFIXES:
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+            break
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
 
 
 class InputFile:
-    """An input opened for reading bytes, gzip or not (decided by the magic bytes, not the name).
+    """An input opened for reading bytes: gzip, zstandard or plain (decided by the magic bytes, not the name).
 
     ``position()`` is the offset in the file on disk (compressed bytes for .gz), for progress bars.
     """
@@ -142,8 +152,20 @@ class InputFile:
         self.path = path
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
         self.stream: BinaryIO = self._raw
-        if self._raw.peek(2)[:2] == b"\x1f\x8b":
+        magic = self._raw.peek(4)[:4]
+        if magic[:2] == b"\x1f\x8b":
             self.stream = gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[assignment]
+        elif magic == ZSTD_MAGIC:
+            try:
+                import zstandard
+            except ImportError:
+                self._raw.close()
+                raise DataToolError(f"{path} is zstandard-compressed, which needs the zstandard package: "
+                                    f"pip install zstandard") from None
+            # read_across_frames: files written by several zstd processes (pzstd, cat a.zst b.zst) have
+            # more than one frame; without it the reader would stop silently after the first.
+            reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
+            self.stream = io.BufferedReader(reader, 1 << 20)  # type: ignore[assignment]
 
     def position(self) -> int:
         return self._raw.tell()
@@ -161,8 +183,18 @@ class InputFile:
 
 
 def read_error(path: str, err: Exception) -> DataToolError:
-    """A read failure (truncated .gz, permission...) as an error that names the file."""
+    """A read failure (truncated .gz/.zst, corrupt parquet, permission...) as an error that names the file."""
     return DataToolError(f"{path}: cannot read the file ({type(err).__name__}: {err})")
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a corrupt or truncated input raises while it is read."""
+    errors: list[type[BaseException]] = [OSError, EOFError]
+    for mod, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        m = sys.modules.get(mod)  # only when that library is in use already: never imported for this
+        if m is not None and hasattr(m, name):
+            errors.append(getattr(m, name))
+    return tuple(errors)
 
 
 def _json_type(value: object) -> str:

@@ -38,7 +38,6 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import signal
-import struct
 import sys
 import time
 from collections import deque
@@ -49,7 +48,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-import sentencepiece as spm
 
 from data_tools._common import (
     DEFAULT_CORPUS,
@@ -57,9 +55,7 @@ from data_tools._common import (
     BadLine,
     DataToolError,
     HelpFormatter,
-    InputFile,
-    InputFormat,
-    SignalsDeferred,
+    SignalsDeferred,  # noqa: F401  (re-exported)
     bad_line_message,
     cpu_count,
     expand_inputs,
@@ -67,25 +63,22 @@ from data_tools._common import (
     json_fields,
     non_negative_int,
     positive_int,
-    read_error,
     run_cli,
-    split_paragraphs,
-    temp_name,
 )
+from data_tools.encoders import Encoder, join_documents, open_tokenizer  # noqa: F401  (join_documents re-exported)
+from data_tools.indexed import (  # noqa: F401  (the format's names, re-exported for callers of this module)
+    DTYPE_CODES,
+    INDEX_HEADER,
+    INDEX_VERSION,
+    IndexedOutput,
+    index_bytes,
+    optimal_dtype,
+    publish,
+)
+from data_tools.inputs import MAX_TASK_BYTES, Task, iter_parquet_columns, iter_tasks, parquet_file  # noqa: F401
 
-# megatron-core's indexed dataset format (megatron/core/datasets/indexed_dataset.py, _IndexWriter).
-INDEX_HEADER = b"MMIDIDX\x00\x00"
-INDEX_VERSION = 1
-DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
-               np.float32: 7, np.uint16: 8}
-MAX_TASK_BYTES = 8 << 20  # a task never holds more than ~8 MB of text, whatever --batch-size says
 MAX_BAD_LINE_NOTES = 5  # skipped lines reported one by one; the rest only counted
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def optimal_dtype(vocab_size: int) -> type[np.integer]:
-    """megatron-core's DType.optimal_dtype: uint16 below 65,500 ids, else int32."""
-    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", action="append", metavar="PATH_OR_GLOB",
                    help="documents to tokenise; repeat the flag for several inputs; globs allowed (quote "
                         f"them); jsonl, jsonl.gz or plain text (default: {DEFAULT_CORPUS})")
-    g.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
-                   help="how to read the inputs; auto decides by file name (*.jsonl/.json/.ndjson[.gz] = "
-                        "JSON lines, anything else plain text)")
+    g.add_argument("--input-format", choices=("auto", "jsonl", "parquet", "text"), default="auto",
+                   help="how to read the inputs; auto decides by file name (*.jsonl/.json/.ndjson[.gz|.zst] = "
+                        "JSON lines, *.parquet = parquet, anything else plain text)")
     g.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                   help="fields of each JSON line to tokenise; one output per field. Plain text inputs "
-                        "take a single key (it names the output)")
+                   help="fields of each JSON line (columns of a parquet file) to tokenise; one output per "
+                        "field. Plain text inputs take a single key (it names the output)")
+    g.add_argument("--text-column", metavar="NAME",
+                   help="the one field / parquet column to tokenise (same as --json-keys NAME)")
+    g.add_argument("--file-slice", type=parse_slice, metavar="I/N",
+                   help="tokenise only part I (0-based) of N of the input files, a contiguous run of them "
+                        "(for Slurm job arrays: merge the N outputs in order with data_tools/merge.py)")
     g.add_argument("--text-unit", choices=("file", "paragraph"), default="file",
                    help="what one document is in a plain text input: the whole file, or each paragraph "
                         "(separated by blank lines)")
@@ -108,10 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "field, and plain text files that are not UTF-8, instead of stopping with an error")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-model", default=DEFAULT_TOKENIZER_PREFIX + ".model",
-                   help="sentencepiece .model (train one with data_tools/train_tokenizer.py)")
+                   help="sentencepiece .model (train one with data_tools/train_tokenizer.py) or a Hugging "
+                        "Face tokenizer.json (or its directory); told apart by content")
     g.add_argument("--append-eod", action="store_true",
                    help="append the tokenizer's end-of-document (EOS) id after every document; refused "
                         "when the tokenizer has no EOS piece")
+    g.add_argument("--eod-token", metavar="TOKEN",
+                   help="tokenizer.json only: the end-of-document token (default: eos_token of a "
+                        "tokenizer_config.json beside it, else <|endoftext|>, <|end_of_text|>, </s>, <eos>)")
+    g.add_argument("--add-special-tokens", action="store_true",
+                   help="tokenizer.json only: let its post-processor add special tokens (e.g. a BOS) to "
+                        "every document (off by default, as in megatron-core's HuggingFaceTokenizer)")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", default="data/tokens/python_docs",
                    help="writes PREFIX_KEY_document.bin and .idx for every --json-keys KEY")
@@ -126,69 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when stderr is not a terminal, print a progress line every this many documents "
                         "(0 = none); on a terminal a progress bar is shown instead")
     return p
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading: the main process cuts the inputs into tasks of raw lines, in order
-
-
-@dataclass
-class Task:
-    path: str
-    fmt: InputFormat
-    first_line: int  # JSON lines: line number of items[0]; text: index of items[0] among its file's units
-    items: list[bytes]  # raw JSON lines (blank ones included, to keep line numbers) or text documents
-
-
-def iter_tasks(files: Sequence[str], args: argparse.Namespace,
-               progress: Progress | None = None) -> Iterator[Task]:
-    for path in files:
-        fmt = input_format(path, args.input_format)
-        with InputFile(path) as f:
-            try:
-                if fmt == "text":
-                    data = f.stream.read()
-                    if progress:
-                        progress.read_bytes(f.position())
-                    if args.text_unit == "file":
-                        yield Task(path, fmt, 0, [data])
-                        continue
-                    text = _decode_text(data, path, args)
-                    if text is None:  # not UTF-8 and --skip-bad-lines: the worker counts and skips it
-                        yield Task(path, fmt, 0, [data])
-                        continue
-                    units = [p.encode("utf-8") for p in split_paragraphs(text)]
-                    for start in range(0, len(units), args.batch_size):
-                        yield Task(path, fmt, start, units[start:start + args.batch_size])
-                    continue
-                items: list[bytes] = []
-                first, size, before = 1, 0, 0
-                for lineno, line in enumerate(f.stream, 1):
-                    items.append(line)
-                    size += len(line)
-                    if len(items) >= args.batch_size or size >= MAX_TASK_BYTES:
-                        if progress:
-                            pos = f.position()
-                            progress.read_bytes(pos - before)
-                            before = pos
-                        yield Task(path, fmt, first, items)
-                        items, first, size = [], lineno + 1, 0
-                if items:
-                    yield Task(path, fmt, first, items)
-                if progress:
-                    progress.read_bytes(f.position() - before)
-            except (OSError, EOFError) as e:  # unreadable file, truncated or corrupt .gz
-                raise read_error(path, e) from None
-
-
-def _decode_text(data: bytes, path: str, args: argparse.Namespace) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if args.skip_bad_lines:
-            return None
-        raise DataToolError(f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8 "
-                            f"(or pass --skip-bad-lines to skip it)") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,23 +152,22 @@ class Result:
 _worker: dict = {}  # this process's tokenizer and settings, set once by init_worker
 
 
-def init_worker(model_path: str, keys: Sequence[str], append_eod: bool, skip_bad: bool,
+def init_worker(tokenizer: tuple | Encoder, keys: Sequence[str], skip_bad: bool,
                 parent_pid: int | None) -> None:
-    """Load the tokenizer once per process (the Pool initializer; ``parent_pid`` None: main process)."""
+    """Load the tokenizer once per process (the Pool initializer; ``parent_pid`` None: main process).
+
+    ``tokenizer``: the open_tokenizer arguments (a worker loads its own), or the main process's Encoder.
+    """
     if parent_pid is not None:
         # Ctrl-C goes to the whole process group; the main process alone decides what happens.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent(parent_pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by Tokenizers.__enter__
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    try:  # sentencepiece >= 0.2.1 returns numpy arrays straight from C++ (no Python int lists)
-        sp.encode([""], return_type="numpy", num_threads=1)
-        encode_kwargs: dict = {"return_type": "numpy"}
-    except (TypeError, ValueError):
-        encode_kwargs = {"out_type": int}
-    _worker.update(sp=sp, keys=list(keys), eod=sp.eos_id() if append_eod else -1, skip_bad=skip_bad,
-                   dtype=optimal_dtype(sp.vocab_size()), encode_kwargs=encode_kwargs)
+        # One thread per worker (tokenizers' Rust batch encoder would start one per CPU in each).
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    enc = tokenizer if isinstance(tokenizer, Encoder) else open_tokenizer(*tokenizer)
+    _worker.update(enc=enc, keys=list(keys), skip_bad=skip_bad)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -245,9 +186,23 @@ def encode_task(task: Task) -> Result:
     keys: list[str] = w["keys"]
     columns: list[list[str]] = [[] for _ in keys]
     res = Result(tokens=[], doc_tokens=[], empty=[])
-    for i, raw in enumerate(task.items):
+    n_rows = len(task.columns[0]) if task.columns is not None else len(task.items)
+    for i in range(n_rows):
         where = task.first_line + i
-        if task.fmt == "text":
+        raw = task.items[i] if task.columns is None else b""
+        if task.columns is not None:  # parquet: values already read, one list per key
+            values = [col[i] for col in task.columns]
+            bad_key = next((k for k, v in zip(keys, values) if not isinstance(v, str)), None)
+            if bad_key is not None:
+                msg = f"{task.path}: row {where}: column {bad_key!r} is null (rows count from 0)"
+                if not w["skip_bad"]:
+                    res.error = msg + "; drop such rows or pass --skip-bad-lines to skip them"
+                    return res
+                res.bad += 1
+                if len(res.bad_notes) < MAX_BAD_LINE_NOTES:
+                    res.bad_notes.append(msg)
+                continue
+        elif task.fmt == "text":
             try:
                 values = [raw.decode("utf-8")]
             except UnicodeDecodeError as e:
@@ -277,33 +232,11 @@ def encode_task(task: Task) -> Result:
         res.text_bytes += sum(len(v.encode("utf-8")) for v in values)
     res.documents = len(columns[0])
     for column in columns:
-        ids = w["sp"].encode(column, num_threads=1, **w["encode_kwargs"]) if column else []
-        tokens, counts, empty = join_documents(ids, w["eod"], w["dtype"])
+        tokens, counts, empty = w["enc"].encode_documents(column)
         res.tokens.append(tokens)
         res.doc_tokens.append(counts)
         res.empty.append(empty)
     return res
-
-
-def join_documents(ids: Sequence[Sequence[int]], eod: int, dtype: type[np.integer]
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Documents' ids back to back (each followed by ``eod`` when >= 0); tokens per document; empties."""
-    counts = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
-    empty = int((counts == 0).sum())
-    parts: list = []
-    if eod >= 0:
-        eod_arr = np.array([eod], dtype=np.int32)
-        for d in ids:
-            parts.append(d)
-            parts.append(eod_arr)
-        counts += 1
-    else:
-        parts = [d for d in ids if len(d)]
-    if not parts:
-        return np.empty(0, dtype=dtype), counts, empty
-    # Token ids are < vocab size, which optimal_dtype chose to fit: the cast cannot wrap.
-    tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in parts]).astype(dtype, copy=False)
-    return tokens, counts, empty
 
 
 class Tokenizers:
@@ -375,84 +308,6 @@ def _wait(async_result: mp.pool.AsyncResult, worker_pids: set[int]) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing: .bin appended in order, .idx computed at the end, both renamed into place when complete
-
-
-def index_bytes(doc_tokens: np.ndarray, dtype: type[np.integer]) -> bytes:
-    """The .idx of documents with ``doc_tokens`` tokens each, exactly as megatron-core's builder writes it.
-
-    Each non-empty document is one sequence; an empty one adds only a document_indices entry.
-    """
-    doc_tokens = np.asarray(doc_tokens, dtype=np.int64)
-    seq_lengths = doc_tokens[doc_tokens > 0]
-    if seq_lengths.size and seq_lengths.max() > np.iinfo(np.int32).max:
-        raise DataToolError("a document has more than 2^31 tokens, more than the .idx format can hold")
-    itemsize = np.dtype(dtype).itemsize
-    pointers = np.zeros(seq_lengths.size, dtype=np.int64)
-    np.cumsum(seq_lengths[:-1] * itemsize, out=pointers[1:])
-    document_indices = np.zeros(doc_tokens.size + 1, dtype=np.int64)
-    np.cumsum(doc_tokens > 0, out=document_indices[1:])
-    header = (INDEX_HEADER + struct.pack("<Q", INDEX_VERSION) + struct.pack("<B", DTYPE_CODES[dtype])
-              + struct.pack("<Q", seq_lengths.size) + struct.pack("<Q", document_indices.size))
-    return b"".join([header, seq_lengths.astype("<i4").tobytes(), pointers.astype("<i8").tobytes(),
-                     document_indices.astype("<i8").tobytes()])
-
-
-class IndexedOutput:
-    """One PREFIX.bin/.idx pair, written under temporary names; ``publish`` renames it into place."""
-
-    def __init__(self, prefix: str, dtype: type[np.integer]) -> None:
-        self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
-        self.bin_tmp, self.idx_tmp = temp_name(self.bin_path), temp_name(self.idx_path)
-        self.dtype = dtype
-        self._doc_tokens: list[np.ndarray] = []
-        self.tokens = 0
-        self.empty = 0
-        self._bin = open(self.bin_tmp, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in finish/discard
-
-    def add(self, tokens: np.ndarray, doc_tokens: np.ndarray, empty: int = 0) -> None:
-        assert tokens.dtype == self.dtype
-        self._bin.write(tokens.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False).data)
-        self._doc_tokens.append(doc_tokens)
-        self.tokens += int(tokens.size)
-        self.empty += empty
-
-    def finish(self) -> None:
-        """Complete both temporary files on disk (flushed and fsynced); nothing is visible yet."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        counts = np.concatenate(self._doc_tokens) if self._doc_tokens else np.zeros(0, np.int64)
-        with open(self.idx_tmp, "wb") as f:
-            f.write(index_bytes(counts, self.dtype))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def discard(self) -> None:
-        self._bin.close()
-        for path in (self.bin_tmp, self.idx_tmp):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-
-def publish(outputs: Sequence[IndexedOutput]) -> None:
-    """Rename every finished output into place: old .idx removed first, then the .bin, the .idx last.
-
-    A reader opens PREFIX.idx first; it exists again only when its .bin is the matching new one.
-    """
-    with SignalsDeferred():
-        for out in outputs:
-            if os.path.exists(out.idx_path):
-                os.unlink(out.idx_path)
-        for out in outputs:
-            os.replace(out.bin_tmp, out.bin_path)
-        for out in outputs:
-            os.replace(out.idx_tmp, out.idx_path)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Progress
 
 
@@ -512,19 +367,21 @@ class Summary:
     dtype: str
 
 
-def load_tokenizer(path: str, append_eod: bool) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
-        raise DataToolError(f"--tokenizer-model {path!r}: no such file; train one with "
-                            f"python data_tools/train_tokenizer.py")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:
-        raise DataToolError(f"--tokenizer-model {path!r} is not a sentencepiece model ({e})") from None
-    if append_eod and sp.eos_id() < 0:
-        raise DataToolError(
-            f"--append-eod: the tokenizer {path} has no end-of-document (EOS) piece (eos_id() == -1). "
-            f"Retrain it with an EOS id (data_tools/train_tokenizer.py --eos-id 2), or drop --append-eod")
-    return sp
+def parse_slice(text: str) -> tuple[int, int]:
+    """argparse type for --file-slice I/N: 0 <= I < N."""
+    i, n = (int(x) for x in text.split("/"))
+    if not 0 <= i < n:
+        raise ValueError(text)
+    return i, n
+
+
+parse_slice.__name__ = "I/N with 0 <= I < N"
+
+
+def file_slice(files: Sequence[str], part: tuple[int, int]) -> list[str]:
+    """Part I of N of the files: contiguous, so outputs of parts 0..N-1 merged in order equal one run."""
+    i, n = part
+    return list(files[len(files) * i // n:len(files) * (i + 1) // n])
 
 
 def output_prefix(prefix: str, key: str) -> str:
@@ -548,8 +405,16 @@ def run(args: argparse.Namespace) -> Summary:
     if texts and len(keys) > 1:
         raise DataToolError(f"{texts[0]} is plain text, which has one document field, but --json-keys "
                             f"names {len(keys)}; give one key (it names the output) or only JSON lines inputs")
-    sp = load_tokenizer(args.tokenizer_model, args.append_eod)
-    dtype = optimal_dtype(sp.vocab_size())
+    if args.file_slice:
+        files = file_slice(files, args.file_slice)
+    for f in files:  # a missing or non-string column is found before any work starts
+        if input_format(f, args.input_format) == "parquet":
+            parquet_file(f, keys)
+    tok_args = (args.tokenizer_model, args.append_eod, args.eod_token, args.add_special_tokens)
+    enc = open_tokenizer(*tok_args)
+    dtype = enc.dtype
+    print(f"tokenizer: {enc.path} ({enc.kind}, {enc.vocab_size:,} ids, stored as {np.dtype(dtype).name}"
+          f"{f', EOD id {enc.eod}' if enc.eod >= 0 else ''}): {enc.note}", file=sys.stderr)
     prefixes = [output_prefix(args.output_prefix, k) for k in keys]
     if not args.overwrite:
         for prefix in prefixes:
@@ -565,7 +430,7 @@ def run(args: argparse.Namespace) -> Summary:
     outputs: list[IndexedOutput] = []
     progress = Progress(sum(os.path.getsize(f) for f in files), args.log_interval)
     bad, notes = 0, []
-    init_args = (args.tokenizer_model, keys, args.append_eod, args.skip_bad_lines)
+    init_args = (enc if args.workers == 1 else tok_args, keys, args.skip_bad_lines)
     try:
         with Tokenizers(init_args, args.workers) as tokenizers:
             for prefix in prefixes:
@@ -598,6 +463,10 @@ def run(args: argparse.Namespace) -> Summary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.text_column:
+        if argv is not None and "--json-keys" in argv or argv is None and "--json-keys" in sys.argv:
+            raise DataToolError("give either --text-column or --json-keys, not both")
+        args.json_keys = [args.text_column]
     s = run(args)
     secs = max(s.seconds, 1e-9)
     total_tokens = sum(s.tokens.values())

@@ -122,6 +122,7 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero1.json"  # DeepSpeed JSON; batch sizes, clipping and precision are filled in from this config
     zero_stage: int = -1  # -1 = take it from ds_config
     exit_interval: int = 0  # like Megatron's --exit-interval: checkpoint and stop when step % N == 0 (0 = off)
+    recompute: Literal["none", "full", "selective"] = "none"  # activation recompute per executed layer: none | full (whole layer) | selective (FFN + attention core)
 
 
 @dataclass
@@ -144,7 +145,7 @@ class CheckpointConfig:
     dir: str = ""  # default: <run_dir>/checkpoints
     interval: int = 500  # save every N steps (and at the end, and on a signal)
     keep_last: int = 3  # older checkpoints are deleted
-    resume: bool = True  # resume from <dir>/latest when present
+    resume: Literal["latest", "latest_intact", "none", True, False] = "latest"  # latest: the step <dir>/latest names (damaged = error naming the newest intact step); latest_intact: fall back to the newest intact step with a WARNING; none: start fresh; true/false = latest/none
 
 
 @dataclass
@@ -314,7 +315,9 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(not d.weights or len(d.weights) == len(d.prefixes),
            f"data.weights has {len(d.weights)} entries for {len(d.prefixes)} data.prefixes; give one per prefix")
-    _check(all(w >= 0 for w in d.weights), "data.weights must be >= 0")
+    for i, w in enumerate(d.weights):  # a 0 weight used to pass here and fail later inside the blend
+        _check(w > 0, f"data.weights[{i}]={w} for {d.prefixes[i] if i < len(d.prefixes) else '?'}: every "
+                      "weight must be > 0; drop the prefix from data.prefixes instead of giving it weight 0")
     try:
         parts = [float(x) for x in d.split.split(",")]
         _check(len(parts) == 3 and sum(parts) > 0 and min(parts) >= 0, "")
@@ -329,11 +332,16 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
     _check(t.exit_interval >= 0, "train.exit_interval must be >= 0 (0 = off)")
     _check(t.zero_stage in (-1, 0, 1, 2), f"train.zero_stage={t.zero_stage}: use 0, 1, 2 (or -1 = from ds_config)")
+    _check(t.recompute == "none" or t.precision != "fp8",
+           f"train.recompute={t.recompute!r} with train.precision='fp8': torch's checkpoint would re-run TE's FP8 "
+           "scaling updates outside fp8_autocast; use train.recompute=none with fp8")
     p = cfg.parallel
     for name in ("tp", "pp", "ep"):
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
     c = cfg.checkpoint
     _check(c.interval >= 1 and c.keep_last >= 1, "checkpoint.interval and checkpoint.keep_last must be >= 1")
+    if isinstance(c.resume, bool):  # older configs: resume: true/false
+        c.resume = "latest" if c.resume else "none"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -81,3 +81,20 @@ def run_torchrun(script: str, nproc: int = 2, timeout: int = 240):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
+
+
+def cpu_peak_bytes(fn) -> tuple[int, int]:
+    """(peak, final) growth of the bytes that torch's CPU allocator holds while ``fn()`` runs, relative to
+    its start: every allocation and free in the window is recorded by torch.profiler (profile_memory) and
+    replayed in time order. A measurement of real allocations, independent of any estimate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak, live

@@ -265,6 +265,16 @@ def _tp_worker():
         return m, out
 
     ps.initialize_model_parallel(1)
+    # linear_backend="torch" at DP=2, each rank its own tokens: the bias comes from the loads of BOTH ranks
+    # (it once skipped the all-reduce with this backend, and the ranks' biases drifted apart).
+    torch.manual_seed(0)
+    tm = LoopMoEModel(cfg_(**{**kw, "linear_backend": "torch"}))
+    tm(tokens(seed=10 + rank) % 96)
+    loads = [blk.ffn.router.load_acc.clone() for blk in tm.layers]
+    tm.update_router_biases()
+    for blk, load in zip(tm.layers, loads):
+        dist.all_reduce(load)  # the reference: loads summed by hand
+        torch.testing.assert_close(blk.ffn.router.bias, 0.01 * torch.sign(load.mean() - load))
     ref, ref_out = run()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     ps.destroy_model_parallel()

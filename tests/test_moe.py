@@ -216,7 +216,12 @@ def test_ep2_equals_single_process():  # ~11 s on 2 CPU cores
 def _ep_worker():
     import torch.distributed as dist
 
+    from megatron.core import parallel_state as ps
+
+    from loopmoe.parallel.distributed import shutdown
+
     dist.init_process_group("gloo")
+    ps.initialize_model_parallel(1, 1)  # the MoE's expert groups come from loopmoe.parallel.groups
     rank = dist.get_rank()
     for dispatch in ("index", "einsum"):
         kw = dict(n_experts=4, n_shared_experts=1, dispatch=dispatch)
@@ -237,7 +242,7 @@ def _ep_worker():
             torch.testing.assert_close(getattr(ep.experts, name).grad, full[2 * rank:2 * rank + 2],
                                        atol=1e-6, rtol=1e-5)
     print(f"rank {rank}: EP2 OK", flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def model_cfg(R: int = 2, lb: bool = True) -> dict:
                 adaln_rank=8, linear_backend="megatron", lb_loss_coef=0.01 if lb else 0.0, z_loss_coef=0.001)
 
 
-def make_config(tp, pp, ep, sp, zero, dp, R=2, lb=True, steps=STEPS) -> Config:
+def make_config(tp, pp, ep, sp, zero, dp, R=2, lb=True, steps=STEPS, recompute="none") -> Config:
     cfg = Config()
     cfg.model = ModelConfig(**model_cfg(R, lb))
     cfg.data.seq_len = 16
@@ -51,6 +51,7 @@ def make_config(tp, pp, ep, sp, zero, dp, R=2, lb=True, steps=STEPS) -> Config:
     cfg.train.ds_config, cfg.train.zero_stage, cfg.train.seed = os.path.join(ROOT, "ds_configs/zero1.json"), zero, 7
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.schedule = 1e-2, 2, 1.0, "cosine"
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.sequence_parallel = tp, pp, ep, sp
+    cfg.train.recompute = recompute
     return cfg
 
 
@@ -114,7 +115,7 @@ class CountReductions:
 
 
 def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step=None, save_at=None,
-               save_dir=None, resume_from=None) -> dict:
+               save_dir=None, resume_from=None, recompute="none") -> dict:
     """Train under a layout (every rank calls it); returns {"loss": [per step run], "grads": {router and
     IterAdaLN gradients after the first step run, full tensors}, ...}. ``save_at``: save a checkpoint to
     ``save_dir`` after that step; ``resume_from``: a checkpoint directory to resume from first."""
@@ -135,7 +136,7 @@ def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step
 
     world = dist.get_world_size()
     dp = world // (tp * pp)
-    cfg = make_config(tp, pp, ep, sp, zero, dp, R, lb, steps)
+    cfg = make_config(tp, pp, ep, sp, zero, dp, R, lb, steps, recompute)
     layout = validate_layout(cfg, world)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if ep > 1:

@@ -376,16 +376,27 @@ def big_input(tmp_path_factory) -> str:
 def test_interrupted_run_leaves_no_valid_output(tmp_path, tokenizer, big_input, sig, workers):
     import psutil
 
+    import fcntl
+    import termios
+
     out = tmp_path / "o"
+    # A progress line per 16 documents (300 in all) on a one-page stderr pipe nobody reads yet: once the
+    # pipe is full the run blocks mid-way, so it cannot finish before the signal however fast or slow the
+    # machine is.
     proc = subprocess.Popen([sys.executable, SCRIPT, "--input", big_input, "--tokenizer-model", tokenizer,
                              "--output-prefix", str(out / "x"), "--append-eod", "--workers", workers,
-                             "--batch-size", "16"],
+                             "--batch-size", "16", "--log-interval", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not (out.exists() and any(".tmp-" in n for n in os.listdir(out))):  # started writing
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
-    time.sleep(0.3)
+    capacity = fcntl.fcntl(proc.stderr.fileno(), 1031, 4096)  # F_SETPIPE_SZ: one page (~45 lines)
+
+    def pending() -> int:  # bytes written to stderr and not read
+        return int.from_bytes(fcntl.ioctl(proc.stderr.fileno(), termios.FIONREAD, b"\0" * 4), sys.byteorder)
+
+    deadline = time.monotonic() + 120
+    # The events: the temporary outputs exist (it started writing) and the stderr pipe is full (it is blocked).
+    while not (out.exists() and any(".tmp-" in n for n in os.listdir(out)) and pending() > capacity - 512):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"stderr holds {pending()} of {capacity} bytes after 120 s"
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) == (0 if workers == "1" else int(workers))
     assert proc.poll() is None, "the run finished before the signal; make big_input bigger"

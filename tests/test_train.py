@@ -87,24 +87,37 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, token_p
 
 
 def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, token_prefix):
-    """Kill the trainer repeatedly at random points while it saves every step; every time, `latest` names a
-    complete checkpoint that a resumed run loads."""
+    """Kill the trainer while a save writer (a process megatron forks per file) is running; `latest` names a
+    complete checkpoint that a resumed run loads, and no process of the trainer outlives it (the writers
+    get SIGKILL from the kernel when the trainer dies; no multiprocessing Manager is left with parent 1)."""
+    import psutil
+
     run = tmp_path / "run"
     train(run, *token_prefix, "train.steps=2", "checkpoint.interval=1")
     cmd = [sys.executable, "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml", *SMALL,
            f"data.prefixes={token_prefix[0]}", f"data.tokenizer_model={token_prefix[1]}", "model.vocab_size=1024",
-           f"logging.run_dir={run}", "train.steps=400", "checkpoint.interval=1", "checkpoint.keep_last=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
+           f"logging.run_dir={run}", "train.steps=100000", "checkpoint.interval=1", "checkpoint.keep_last=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = psutil.Process(proc.pid)
     ckpt = run / "checkpoints"
-    # Wait until it saves at least one new step, then kill while a save is in flight (.tmp present).
-    while time.time() < deadline:
+    deadline = time.monotonic() + 300
+    # The event: a save of a new step in flight (.tmp/step_* exists) with a writer process alive. The run
+    # is far longer than this wait can be, so the kill always lands mid-run.
+    while True:
+        assert proc.poll() is None, f"the trainer exited ({proc.returncode}) before a save was caught"
+        assert time.monotonic() < deadline, "no save with a writer process seen in 300 s"
         tmp = ckpt / ".tmp"
-        if (ckpt / "latest").read_text().strip() > "step_00000003" and tmp.exists() and any(tmp.iterdir()):
+        try:
+            in_flight = (ckpt / "latest").read_text().strip() > "step_00000003" and any(tmp.iterdir())
+            family = trainer.children(recursive=True)
+        except (FileNotFoundError, psutil.NoSuchProcess):
+            continue
+        if in_flight and family:
             break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
     latest = (ckpt / "latest").read_text().strip()
     assert (ckpt / latest).is_dir()
     out = train(run, *token_prefix, f"train.steps={int(latest.split('_')[1]) + 1}")

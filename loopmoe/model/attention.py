@@ -7,11 +7,14 @@ be divisible by TP), exactly like megatron-core's grouped layout.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loopmoe.model.recompute import checkpointed
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +47,7 @@ class Attention(nn.Module):
         self.proj = lin.row(cfg.n_heads * cfg.head_dim, cfg.d_model, out_std)  # output all-reduced
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: "LayerKV | None" = None) -> torch.Tensor:
+                kv: "LayerKV | None" = None, recompute_core: bool = False) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, n_kv_local * (q_per_kv + 2) * hd]  (full s under sequence parallel)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
@@ -59,10 +62,10 @@ class Attention(nn.Module):
             k, v = kv.append(k, v)  # [b, KV_local, past + s, hd]
             if past and s > 1:  # new queries see the whole past and, causally, each other
                 mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(  # query head h reads kv head h // q_per_kv
-            q, k, v, attn_mask=mask, is_causal=past == 0 and s > 1,
-            scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True,
-        )  # [b, H_local, s, hd]
+        core = functools.partial(  # query head h reads kv head h // q_per_kv
+            F.scaled_dot_product_attention, attn_mask=mask, is_causal=past == 0 and s > 1,
+            scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
+        y = checkpointed(core, q, k, v) if recompute_core else core(q, k, v)  # [b, H_local, s, hd]
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))  # [b, s(/tp), d]
 
 

@@ -21,6 +21,7 @@ from loopmoe.model.attention import Attention, KVCache, rope_cache
 from loopmoe.model.iter_adaln import IterAdaLN, IterEmbed, modulate
 from loopmoe.model.layers import Linears
 from loopmoe.model.moe import MoE, SwiGLU
+from loopmoe.model.recompute import MODES, checkpointed
 
 
 @dataclass
@@ -59,26 +60,34 @@ class Block(nn.Module):
         self.adaln = (IterAdaLN(cfg.d_model, cfg.adaln_rank, cfg.adaln, cfg.adaln_gate, cfg.norm_eps)
                       if adaln else None)
 
-    def forward(self, x, rope, e_k=None, forced_topk=None, kv=None):  # x [b, s, d] -> ([b, s, d], Routing | None)
+    def forward(self, x, rope, e_k=None, forced_topk=None, kv=None, recompute="none"):
+        # x [b, s, d] -> ([b, s, d], Routing | None); recompute: see loopmoe/model/recompute.py
+        if recompute == "full":  # this executed layer keeps only its input; recomputed in backward
+            return checkpointed(self.forward, x, rope, e_k, forced_topk, kv)
+        sel = recompute == "selective"  # recompute the FFN and the attention core
         if self.adaln is None:
-            x = x + self.attn(self.attn_norm(x), *rope, kv)
-            y, routing = self._ffn(self.ffn_norm(x), forced_topk)
+            x = x + self.attn(self.attn_norm(x), *rope, kv, recompute_core=sel)
+            y, routing = self._ffn(self.ffn_norm(x), forced_topk, sel)
             return x + y, routing
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(x, e_k)  # 6 x [b, s, d]
-        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope, kv)
-        y, routing = self._ffn(modulate(self.ffn_norm(x), shift_f, scale_f), forced_topk)  # router sees this
+        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope, kv,
+                                                    recompute_core=sel)
+        y, routing = self._ffn(modulate(self.ffn_norm(x), shift_f, scale_f), forced_topk, sel)  # router sees this
         return x + self.adaln.gate(gate_f) * y, routing
 
-    def _ffn(self, x, forced_topk):
+    def _ffn(self, x, forced_topk, recompute=False):
         if isinstance(self.ffn, MoE):
-            return self.ffn(x, forced_topk)
-        return self.ffn(x), None
+            return checkpointed(self.ffn, x, forced_topk) if recompute else self.ffn(x, forced_topk)
+        return (checkpointed(self.ffn, x) if recompute else self.ffn(x)), None
 
 
 class LoopMoEModel(nn.Module):
-    def __init__(self, cfg, *, ep_size: int = 1, sequence_parallel: bool = False):
+    def __init__(self, cfg, *, ep_size: int = 1, sequence_parallel: bool = False, recompute: str = "none"):
         super().__init__()
+        if recompute not in MODES:
+            raise ValueError(f"recompute={recompute!r} must be one of {MODES} (train.recompute)")
         self.cfg = cfg
+        self.recompute = recompute  # activation recompute per executed layer, training only
         lin = Linears(cfg, sequence_parallel)  # the only place that knows the linear backend
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_executed_layers)  # residual-branch outputs
         adaln = cfg.adaln != "none"
@@ -160,14 +169,18 @@ class LoopMoEModel(nn.Module):
             return
         if groups is None:
             groups = []
-            from_megatron = torch.distributed.is_initialized() and self.cfg.linear_backend != "torch"
-            if from_megatron:
+            # Whatever the linear backend: with linear_backend="torch" at DP>1 the loads were once not
+            # summed and every rank drifted to its own bias.
+            if torch.distributed.is_initialized():
                 from megatron.core import parallel_state as ps
 
                 if ps.model_parallel_is_initialized():
                     groups.append(ps.get_data_parallel_group())
                     if self.sequence_parallel:
                         groups.append(ps.get_tensor_model_parallel_group())
+                elif torch.distributed.get_world_size() > 1:
+                    raise RuntimeError("update_router_biases: several processes but no megatron parallel_state "
+                                       "to sum the loads over; pass groups=[...] or call init_distributed first")
         for blk in self.layers:
             blk.ffn.router.update_bias(self.cfg.aux_free_rate, groups)
 
@@ -185,7 +198,7 @@ class _Run:
         forced = self.force.get((layer, it)) if record else None
         rope = (self.model.rope_cos, self.model.rope_sin)
         kv = self.cache.layer(layer, it) if self.cache is not None and record else None
-        h, r = blk(h, rope, e_k, forced, kv)
+        h, r = blk(h, rope, e_k, forced, kv, recompute=self.model.recompute if kv is None else "none")
         if r is not None:  # every executed MoE pass counts for the aux losses
             self.lb, self.z = self.lb + r.lb, self.z + r.z
             if record and self.return_routing:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model.recompute import is_recomputing
+
 
 @dataclass
 class Routing:
@@ -72,7 +74,7 @@ class Router(nn.Module):
         load = torch.bincount(topk.reshape(-1), minlength=E)  # [E]
         lb = E * (load.float() / (T * k) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        if self.training and self.aux_free:
+        if self.training and self.aux_free and not is_recomputing():  # a recompute must not count twice
             self.load_acc += load.detach().float()
         return Routing(logits, topk, gates, load.detach(), lb, z)
 
@@ -218,23 +220,27 @@ class MoE(nn.Module):
 
 
 def expert_group(ep_size: int):
-    """DeepSpeed's expert-parallel process group "ep_size_{ep}", with its expert-data-parallel twin
-    (created on first use, as ``deepspeed.moe.layer.MoE`` does; TP/PP sizes from megatron-core's
-    parallel_state). Collective: every rank builds its model in the same order."""
+    """DeepSpeed's expert-parallel process group "ep_size_{ep}", made by loopmoe.parallel.groups (the one
+    constructor, so the model and ZeRO see the same layout). Made here on first use only when megatron's
+    parallel_state exists (collective: every rank builds its model in the same order); without it this is
+    an error: DeepSpeed's own constructor lays the groups out differently from the training layout."""
     import deepspeed
     from deepspeed import comm as ds_comm
     from deepspeed.utils import groups
+    from megatron.core import parallel_state as ps
 
-    if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    from loopmoe.parallel.groups import create_expert_groups
+
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
-        from megatron.core import parallel_state as ps
-
-        tp = pp = 1
-        if ps.model_parallel_is_initialized():
-            tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        groups._create_expert_and_data_parallel(ep_size, mp_size=tp, pp_size=pp)
+        if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+            raise RuntimeError(f"MoE with ep_size={ep_size}: no expert-parallel groups; call "
+                               f"loopmoe.parallel.distributed.init_distributed(ep={ep_size}) (or megatron's "
+                               f"parallel_state.initialize_model_parallel and then "
+                               f"loopmoe.parallel.groups.create_expert_groups({ep_size})) before building the model")
+        create_expert_groups(ep_size)
+    if not ds_comm.is_initialized():  # the all-to-all goes through DeepSpeed's comm layer
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     return groups._get_expert_parallel_group(name)
 
 

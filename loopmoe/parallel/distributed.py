@@ -30,15 +30,61 @@ class DistEnv:
         return self.rank == 0
 
 
+def expand_nodelist(nodes: str) -> list[str]:
+    """Slurm's compressed host list in full, as ``scontrol show hostnames`` prints it:
+    ``gpu[01-03,07],cpu-a[1-2]-ib`` -> gpu01 gpu02 gpu03 gpu07 cpu-a1-ib cpu-a2-ib (zero padding kept, several
+    bracket groups in one name expand as a product). Raises ValueError on an unbalanced bracket."""
+    hosts: list[str] = []
+    for name in _split_top_level(nodes):
+        hosts += _expand_host(name)
+    return hosts
+
+
+def _split_top_level(nodes: str) -> list[str]:
+    """Split on the commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in nodes.strip():
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0 or depth > 1:
+            raise ValueError(f"SLURM_NODELIST {nodes!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"SLURM_NODELIST {nodes!r}: unbalanced brackets")
+    return [p for p in parts + [cur] if p]
+
+
+def _expand_host(name: str) -> list[str]:
+    if "[" not in name:
+        return [name]
+    head, rest = name.split("[", 1)
+    body, tail = rest.split("]", 1)
+    values = []
+    for item in body.split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"SLURM_NODELIST host {name!r}: {item!r} is not a number or a range")
+        width = len(lo)  # gpu[01-10]: zero padding to the width of the lower bound
+        values += [f"{v:0{width}d}" for v in range(int(lo), int(hi or lo) + 1)]
+    return [head + v + t for v in values for t in _expand_host(tail)]
+
+
 def _slurm_master_addr() -> str:
+    """The first host of the job: via ``scontrol show hostnames`` where Slurm's tools exist, else our own
+    expansion of the compressed list (``gpu[01-04]`` is not a host name)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
         return "127.0.0.1"
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodes.split(",")[0]
+        if out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return expand_nodelist(nodes)[0]
 
 
 def _from_mpi(env) -> DistEnv:

@@ -77,11 +77,21 @@ def zero_stage_of(cfg: Config) -> int:
     """train.zero_stage, or the stage in train.ds_config (0 if the file does not say)."""
     if cfg.train.zero_stage >= 0:
         return cfg.train.zero_stage
+    # An unreadable file is an error here: read as ZeRO 0 it used to surface later as a wrong bf16 error.
+    path = cfg.train.ds_config
     try:
-        with open(cfg.train.ds_config) as f:
-            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError):
-        return 0  # engine.deepspeed_config reports a missing or broken file with its own message
+        with open(path) as f:
+            ds = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"train.ds_config={path!r}: cannot read it ({e.strerror}); give a file from "
+                          "ds_configs/ or set train.zero_stage") from None
+    except ValueError as e:
+        raise ConfigError(f"train.ds_config={path!r}: not valid JSON ({e}); fix the file or give one from "
+                          "ds_configs/") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else None
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"train.ds_config={path!r}: zero_optimization.stage must be an integer (got {stage!r})")
+    return stage
 
 
 # ---------------------------------------------------------------------------------------------------

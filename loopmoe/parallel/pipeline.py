@@ -18,11 +18,15 @@ summed over TP): the mean over shards, as a single process computes the z-loss.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from loopmoe.model.model import LoopMoEModel, ModelOutput, lm_loss
+
+log = logging.getLogger(__name__)
 
 
 class _AttachAux(torch.autograd.Function):
@@ -72,6 +76,7 @@ class PipelineStage(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.n_iters = model.n_iters
+        self.recompute = model.recompute  # train.recompute (loopmoe/model/recompute.py)
         self.sequence_parallel = model.sequence_parallel
         self.aux_weight = 1.0  # 1/TP under sequence parallelism (see aux_scale)
         self.num_micro = 1  # micro-batches of the current step (the schedule divides the loss by it)
@@ -94,7 +99,7 @@ class PipelineStage(nn.Module):
 
         def block(blk, h, e_k=None):
             nonlocal lb, z
-            h, r = blk(h, rope, e_k, None, None)
+            h, r = blk(h, rope, e_k, None, None, recompute=self.recompute)  # per executed layer
             if r is not None:
                 lb, z = lb + r.lb, z + r.z
             return h
@@ -165,6 +170,12 @@ class PipelineEvalModel:
 
     def __init__(self, stage: PipelineStage):
         self.stage, self.cfg = stage, stage.cfg
+        missing = (["val/loss_exit* (early-exit losses)"] if self.cfg.is_looped else []) + \
+                  (["val/imbalance_l*, val/divergence_l* (routing metrics)"] if self.cfg.ffn == "moe" else [])
+        if missing:  # said once at start-up, not left for someone to notice missing curves
+            log.warning("pipeline parallelism: validation reports val/loss only; %s are not collected across "
+                        "stages (python -m loopmoe.analysis.early_exit / .routing compute them from a checkpoint)",
+                        " and ".join(missing))
 
     @property
     def training(self) -> bool:

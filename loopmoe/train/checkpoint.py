@@ -37,6 +37,7 @@ single process) into the full unsharded model, whatever layout wrote them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -96,6 +97,57 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Save workers die with their trainer
+#
+# megatron's torch_dist save forks one writer process per file (FileSystemWriterAsync, even for a
+# synchronous save) and, on first use, starts a multiprocessing Manager (a spawn child, with its resource
+# tracker) for the writers' results. After a kill -9 of the trainer both lived on with parent 1: a writer
+# kept writing into the step directory a restarted job reads, the Manager never exited. So: the results
+# queue is a plain in-process queue (the synchronous save puts and gets it in this process; no Manager),
+# and every process forked during a save asks the kernel for SIGKILL when the trainer dies.
+
+_saving_pid: int | None = None  # the trainer's pid while it runs dist_checkpointing.save
+
+
+def _writer_dies_with_trainer() -> None:
+    """Runs in every child forked during a save (os.register_at_fork)."""
+    global _saving_pid
+    parent, _saving_pid = _saving_pid, None  # a grandchild is not a save writer
+    if parent is None:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
+    except (OSError, AttributeError):
+        pass  # not Linux: the liveness check below is all there is
+    if os.getppid() != parent:  # the trainer died between fork and prctl
+        os._exit(1)
+
+
+_fork_hook_installed = False
+
+
+@contextlib.contextmanager
+def _save_workers_die_with_trainer():
+    global _saving_pid, _fork_hook_installed
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()  # instead of mp.get_context("spawn").Manager().Queue()
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_writer_dies_with_trainer)
+        _fork_hook_installed = True
+    _saving_pid = os.getpid()
+    try:
+        yield
+    finally:
+        _saving_pid = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +319,7 @@ class Checkpointer:
             "engine": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")},
             "has_master": any(k.startswith("optim.master.") for k in sd),
         }
-        with cuda_to_cpu():
+        with cuda_to_cpu(), _save_workers_die_with_trainer():
             dist_checkpointing.save(sd, os.path.join(work, DIST))
         torch.save(rng_state(), os.path.join(work, f"rng_rank{self.rank}.pt"))
         if self.rank == 0 and config_yaml is not None:

@@ -78,13 +78,14 @@ def build_model(cfg: Config, layout=None) -> torch.nn.Module:
 
     torch.manual_seed(cfg.train.seed)
     if layout is None:
-        model = LoopMoEModel(cfg.model)
+        model = LoopMoEModel(cfg.model, recompute=cfg.train.recompute)
     else:
-        model = LoopMoEModel(cfg.model, ep_size=layout.ep, sequence_parallel=layout.sequence_parallel)
+        model = LoopMoEModel(cfg.model, ep_size=layout.ep, sequence_parallel=layout.sequence_parallel,
+                             recompute=cfg.train.recompute)
     n = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters (this rank), %d unique / %d executed layers",
+    log.info("model: %s, %.2fM parameters (this rank), %d unique / %d executed layers, recompute %s",
              "LoopMoE" if cfg.model.is_looped else ("MoE" if cfg.model.ffn == "moe" else "dense"), n / 1e6,
-             cfg.model.n_unique_layers, cfg.model.n_executed_layers)
+             cfg.model.n_unique_layers, cfg.model.n_executed_layers, cfg.train.recompute)
     return model
 
 
