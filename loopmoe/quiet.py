@@ -86,6 +86,8 @@ def quiet_start(report: bool = True, device_line: bool = False, stream=None) -> 
     line about it is dropped)."""
     global _done
     install_filters()
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        report = False  # the help text alone
     if not report or _done or _env_rank() != 0:
         return
     _done = True

@@ -12,28 +12,28 @@ CORPUS=data/corpus/python_docs.jsonl
 mkdir -p "$OUT"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "1/6 tokenizer: sentencepiece BPE, 4096 pieces, trained on $CORPUS"
+say "1/7 tokenizer: sentencepiece BPE, 4096 pieces, trained on $CORPUS"
 if [ ! -f "$OUT/tokenizer.model" ]; then
   $PY data_tools/train_tokenizer.py --input "$CORPUS" --vocab-size 4096 --output-prefix "$OUT/tokenizer"
 else echo "exists: $OUT/tokenizer.model"; fi
 
-say "2/6 preprocess: $CORPUS -> Megatron .bin/.idx (2 workers)"
+say "2/7 preprocess: $CORPUS -> Megatron .bin/.idx (2 workers)"
 if [ ! -f "$OUT/python_docs_text_document.idx" ]; then
   $PY data_tools/preprocess.py --input "$CORPUS" --json-keys text --tokenizer-model "$OUT/tokenizer.model" \
     --output-prefix "$OUT/python_docs" --append-eod --workers 2
 else echo "exists: $OUT/python_docs_text_document.{bin,idx}"; fi
 
-say "3/6 train: tiny LoopMoE (1 prelude + 2 loop layers x 2 iterations + 1 coda), $STEPS steps on the CPU"
+say "3/7 train: tiny LoopMoE (1 prelude + 2 loop layers x 2 iterations + 1 coda), $STEPS steps on the CPU"
 rm -rf "$RUN"
 $PY pretrain_loopmoe.py --config configs/tiny_loopmoe.yaml \
   data.prefixes="$OUT/python_docs_text_document" data.tokenizer_model="$OUT/tokenizer.model" \
   logging.run_dir="$RUN" train.steps="$STEPS" checkpoint.interval=250 train.eval_interval=100 train.log_interval=50
 
-say "4/6 sample from the checkpoint (KV cache; temperature 0.8, top-k 40)"
+say "4/7 sample from the checkpoint (KV cache; temperature 0.8, top-k 40)"
 $PY -m loopmoe.generate --checkpoint "$RUN/checkpoints" --prompt "The Python standard library" \
   --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
 
-say "5/6 export to Hugging Face format, then sample through transformers (trust_remote_code)"
+say "5/7 export to Hugging Face format, then sample through transformers (trust_remote_code)"
 $PY -m loopmoe.export.hf --checkpoint "$RUN/checkpoints" --out "$RUN/hf"
 $PY - "$RUN/hf" <<'PYEOF'
 import sys, torch
@@ -51,15 +51,19 @@ print(f"--- transformers {type(model).__name__} sample:")
 print(tok.decode(out[0, 1:], skip_special_tokens=True))
 PYEOF
 
-say "6/6 lm-evaluation-harness on the export (the shipped 20-question task; offline)"
+say "6/7 lm-evaluation-harness on the export (the shipped 20-question task; offline)"
 $PY -m loopmoe.eval --model "$RUN/hf" --tasks loopmoe_tiny_mc
 echo "the paper's nine benchmarks, once their data files are local (see docs/export.md):"
 echo "  $PY -m loopmoe.eval --model $RUN/hf --tasks loopmoe_paper --data-dir DATA_DIR"
 echo "or plain lm-eval: lm_eval --model hf --model_args pretrained=$RUN/hf,trust_remote_code=True --tasks piqa"
 
+say "7/7 curves of the run: python -m loopmoe.plot $RUN"
+$PY -m loopmoe.plot "$RUN"
+
 say "artefacts"
 echo "tokenizer:    $OUT/tokenizer.model"
 echo "token files:  $OUT/python_docs_text_document.{bin,idx}"
 echo "run:          $RUN (config.yaml, metrics.jsonl, tensorboard/)"
+echo "plots:        $RUN/plots/{loss,lr,grad_norm,throughput,routing}.png"
 echo "checkpoints:  $RUN/checkpoints (latest -> $(cat "$RUN/checkpoints/latest"))"
 echo "export:       $RUN/hf (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"

@@ -78,6 +78,7 @@ class MetricsLogger(Callback):
                "tflops_per_device": tflops, "consumed_samples": trainer.state.consumed_samples}
         if self.peak > 0:
             rec["mfu"] = tflops / self.peak
+            rec["peak_tflops"] = self.peak  # stated, by GPU name, or measured on the CPU (loopmoe/train/peak.py)
         if torch.cuda.is_available():
             rec["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -96,7 +97,7 @@ class MetricsLogger(Callback):
             sink.log(rec, step)
         line = (f"step {step:>6}/{trainer.cfg.train.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
                 f"aux {rec['lb_loss']:.3f} z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
-                f"{tok_s:,.0f} tok/s | {tflops:.3f} TFLOP/s"
+                f"{tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s"
                 + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.3g})" if "mfu" in rec else " | MFU n/a (peak unknown)")
                 + f" | mem {rec['mem_gib']:.2f} GiB")
         if has_val:
