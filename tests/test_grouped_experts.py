@@ -207,9 +207,19 @@ def test_ep2_grouped_experts_equal_naive():
 
 def _ep_worker():
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from loopmoe.parallel.distributed import shutdown
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    ps.initialize_model_parallel(1, 1)  # the MoE's expert groups come from loopmoe.parallel.groups
+    _ep_checks(dist.get_rank())
+    shutdown()  # once the layers (which hold the expert group) are gone: see distributed.shutdown
+
+
+def _ep_checks(rank: int):
+    import torch.distributed as dist
+
     ep = make_moe(seed=0, ep_size=2)
     full = make_moe(seed=0)  # same seed: the full weights, of which rank r holds experts [3r, 3r+3)
     # Rank 0 routes to experts 0, 2, 3, 5 (expert 1 and 4 empty; rank 1 gets fewer rows than rank 0);
@@ -233,7 +243,6 @@ def _ep_worker():
     if rank == 1:
         assert got[2][1].abs().max() == 0  # expert 4 (rank 1's second): no rows from either rank
     print(f"rank {rank}: GROUPED EP2 OK", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
