@@ -11,8 +11,9 @@ the ZeRO partition N = DP for dense and DP/EP (expert-DP) for expert parameters)
   fp32, ZeRO 1/2      weights 4 + grads 4 (ZeRO 2: 4/N + a reduce bucket) + fp32 master 4/N + Adam 8/N
   bf16/fp8, ZeRO 1/2  weights 2 + grads 2 (ZeRO 2: 2/N + bucket) + fp32 master 4/N + Adam 8/N
 Gradients are counted during the forward/backward only when they are already there: grad_accum > 1
-(later micro-batches run on the accumulated ones) or PP > 1; with one micro-batch the backward
-allocates them while it frees activations. The optimizer step (phase B) adds its temporaries
+(later micro-batches run on the accumulated ones) or PP > 1; with one micro-batch DeepSpeed frees them
+at the step and the backward allocates them while it frees activations (measured CPU peaks of such
+runs sometimes held one gradient-sized buffer more, freed at a varying moment). The optimizer step (phase B) adds its temporaries
 (one fp32 copy of the partition: the fp32 gradient partition / foreach temporaries; ZeRO 0: the
 all-reduce bucket) after the activations are gone; the total is the larger of the two phases.
 
