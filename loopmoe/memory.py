@@ -11,10 +11,12 @@ the ZeRO partition N = DP for dense and DP/EP (expert-DP) for expert parameters)
   fp32, ZeRO 1/2      weights 4 + grads 4 (ZeRO 2: 4/N + a reduce bucket) + fp32 master 4/N + Adam 8/N
   bf16/fp8, ZeRO 1/2  weights 2 + grads 2 (ZeRO 2: 2/N + bucket) + fp32 master 4/N + Adam 8/N
 Gradients are counted during the forward/backward only when they are already there: grad_accum > 1
-(later micro-batches run on the accumulated ones) or PP > 1; with one micro-batch the backward
-allocates them while it frees activations. The optimizer step (phase B) adds its temporaries
-(one fp32 copy of the partition: the fp32 gradient partition / foreach temporaries; ZeRO 0: the
-all-reduce bucket) after the activations are gone; the total is the larger of the two phases.
+(later micro-batches run on the accumulated ones) or PP > 1; with one micro-batch DeepSpeed frees them
+at the step and the backward allocates them while it frees activations (measured CPU peaks of such
+runs sometimes held one gradient-sized buffer more, freed at a varying moment). The optimizer step
+(phase B) adds its temporaries (one fp32 copy of the partition: the fp32 gradient partition / foreach
+temporaries; ZeRO 0: the all-reduce bucket) after the activations are gone; the total is the larger
+of the two phases.
 
 Activations: the tensors autograd keeps for backward, per token, derived from the saved tensors of
 our layers (norm input and normalised input, qkv, q/k after RoPE, SDPA output and log-sum-exp: flash
@@ -272,7 +274,8 @@ def _reduce_bucket(cfg: Config) -> float:
 def _describe_layers(m: ModelConfig, lo: int, hi: int) -> str:
     P, K = m.n_prelude, m.n_loop
     out = []
-    for name, a, b, rep in (("prelude", 0, P, ""), ("loop", P, P + K, f" x{m.loop_iters}"), ("coda", P + K, P + K + m.n_coda, "")):
+    parts = (("prelude", 0, P, ""), ("loop", P, P + K, f" x{m.loop_iters}"), ("coda", P + K, P + K + m.n_coda, ""))
+    for name, a, b, rep in parts:
         x, y = max(a, lo), min(b, hi)
         if x < y:
             out.append(f"{name} {x}-{y - 1}{rep}" if y - x > 1 else f"{name} {x}{rep}")
@@ -334,7 +337,8 @@ def log_estimate(cfg: Config, layout, log) -> Estimate:
              est.total("selective") / GB, est.total("full") / GB, cap / GB, what)
     if need > cap:
         better = [m for m in MODES if est.total(m) <= cap]
-        hint = f"train.recompute={better[0]} fits" if better else "no recompute mode fits: lower train.micro_batch, raise EP or DP"
+        hint = (f"train.recompute={better[0]} fits" if better
+                else "no recompute mode fits: lower train.micro_batch, raise EP or DP")
         log.warning("memory estimate %.2f GB exceeds the device's %.1f GB (%s): %s", need / GB, cap / GB, what, hint)
     return est
 

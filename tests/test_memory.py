@@ -4,7 +4,8 @@ Measurement: a subprocess runs the trainer's own path (build_model -> paralleliz
 fp32, ZeRO 0, one process -> Trainer.train_step, two steps so the Adam moments exist) while torch's
 profiler records every CPU allocation and free from before the model is built; the peak of the
 replayed live bytes (conftest.cpu_peak_bytes) is the measured figure. The estimate is the formula,
-which never sees the measurement.
+which never sees the measurement. Identical runs with one micro-batch measured peaks that differ by up
+to one gradient-sized fp32 buffer (freed at a varying moment); the 15% covers it at these sizes.
 
 Run as a script it is that worker: ``python tests/test_memory.py OUT.json``.
 """

@@ -167,11 +167,11 @@ def test_tp2_sequence_parallel_with_recompute_equals_one_process():  # ~30 s on 
 # Through the trainer (build_model -> parallelize -> DeepSpeed engine -> train_step; the pipeline stage
 # calls the blocks itself) against one process without recompute: name -> (tp, pp, ep, sp, zero, mode)
 LAYOUTS = {"PP2 full": (1, 2, 1, False, 1, "full"), "EP2 selective": (1, 1, 2, False, 1, "selective"),
-           "TP2+SP full": (2, 1, 1, True, 0, "full")}
+           "TP2+SP full": (2, 1, 1, True, 0, "full"), "DP2-ZeRO2 full": (1, 1, 1, False, 2, "full")}
 
 
 @pytest.mark.slow
-def test_trainer_layouts_with_recompute_equal_one_process(tmp_path):  # ~60 s on 2 CPU cores
+def test_trainer_layouts_with_recompute_equal_one_process(tmp_path):  # ~80 s on 2 CPU cores
     import json
     import os
 

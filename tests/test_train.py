@@ -58,6 +58,7 @@ def test_short_run_loss_falls_and_metrics_are_written(tmp_path, token_prefix):
     assert any(k.startswith("val/divergence_l") for k in val[-1]) and any(k.startswith("val/imbalance_l") for k in val[-1])
     assert os.listdir(run / "tensorboard")
     assert "validation: loss" in out.stdout and "tok/s" in out.stdout
+    assert "memory estimate per rank:" in out.stdout  # loopmoe/memory.py at start-up
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "latest").exists()
 
 
