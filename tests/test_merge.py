@@ -93,3 +93,14 @@ def test_mixed_dtypes_refused(tmp_path):
     with pytest.raises(DataToolError, match="stores int32 tokens but .*small.idx uint16"):
         merge.main(["--input", str(tmp_path / "small"), "--input", str(tmp_path / "big"),
                     "--output-prefix", str(tmp_path / "x")])
+
+
+def test_file_slices_are_contiguous_and_cover_every_file(tmp_path, tokenizer):
+    files = [f"f{i}" for i in range(7)]
+    for n in (1, 2, 3, 7, 10):
+        parts = [preprocess.file_slice(files, (i, n)) for i in range(n)]
+        assert sum(parts, []) == files
+    from tests.test_preprocess import run_cli
+
+    r = run_cli("--input", "x.jsonl", "--file-slice", "3/3", "--tokenizer-model", tokenizer)
+    assert r.returncode == 2 and "--file-slice" in r.stderr
