@@ -39,8 +39,10 @@ test: setup corpus  ## the test suite (CPU)
 test-fast: setup corpus  ## the test suite without the slow tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# A Megatron-LM checkout at tag core_v0.16.1 (outside the repository), for bench/preprocess.py.
+MEGATRON_LM ?= /tmp/megatron-lm
 bench: setup corpus  ## benchmarks; results go to docs/benchmarks/
-	$(PY) bench/preprocess.py
+	$(PY) bench/preprocess.py --megatron-lm $(MEGATRON_LM)
 	$(PY) bench/model_step.py
 	$(PY) bench/real_shapes.py --profile
 

@@ -150,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     tok_note = f"`{model}`" if model else ""
     if not model:
         model = os.path.join(work, "spm8k.model")
-        if not os.path.exists(model):
+        reused = os.path.exists(model)
+        if not reused:
             with contextlib.redirect_stdout(io.StringIO()):
                 train_tokenizer.main(["--input", corpus, "--output-prefix", model[:-6], "--vocab-size", "8000",
                                       "--max-sentences", "300000"])
-        tok_note = "trained by this run with data_tools/train_tokenizer.py (BPE, 8,000 pieces, byte fallback)"
+        tok_note = ("trained on the corpus with data_tools/train_tokenizer.py --vocab-size 8000 --max-sentences "
+                    "300000 (BPE, byte fallback)" + (", reused from --work-dir" if reused else ""))
     sp = spm.SentencePieceProcessor(model_file=model)
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]

@@ -287,8 +287,23 @@ def iter_texts(path: str, fmt: InputFormat, keys: Sequence[str], skip_bad_lines:
     """Every text of one input file: the ``keys`` fields of each JSON line, or a text file's content.
 
     For the tokenizer trainer (the preprocessor has its own batched, multi-process reader).
-    Blank JSON lines are ignored. ``on_bad`` is told about each skipped line.
+    Blank JSON lines are ignored. ``on_bad`` is told about each skipped line (or null parquet value).
     """
+    if fmt == "parquet":
+        from data_tools.inputs import iter_parquet_columns
+
+        for first, cols in iter_parquet_columns(path, keys, 1024):
+            for i, values in enumerate(zip(*cols)):
+                for key, value in zip(keys, values):
+                    if isinstance(value, str):
+                        yield value
+                        continue
+                    msg = f"{path}: row {first + i}: column {key!r} is null (rows count from 0)"
+                    if not skip_bad_lines:
+                        raise DataToolError(msg + "; drop such rows or pass --skip-bad-lines to skip them")
+                    if on_bad:
+                        on_bad(msg)
+        return
     with InputFile(path) as f:
         try:
             if fmt == "text":

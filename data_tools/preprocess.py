@@ -1,17 +1,25 @@
 """Tokenise documents into megatron-core's indexed dataset: PREFIX_KEY_document.bin / .idx.
 
     python data_tools/preprocess.py --append-eod            # demo corpus, data/tokenizer/spm.model
-    python data_tools/preprocess.py --input 'shards/*.jsonl.gz' --tokenizer-model tok/spm.model \\
+    python data_tools/preprocess.py --input 'shards/*.jsonl.zst' --tokenizer-model tok/spm.model \\
         --output-prefix data/tokens/web --append-eod --workers 16
+    python data_tools/preprocess.py --input 'hf_dataset/data/train-*.parquet' --text-column text \\
+        --tokenizer-model llama3/tokenizer.json --output-prefix data/tokens/web --append-eod
 
-Megatron's tools/preprocess_data.py flags, for sentencepiece tokenizers (not supported: other
-tokenizer types, --split-sentences/--keep-newlines, --partitions). What a document is:
-* JSON lines (*.jsonl / *.json / *.ndjson, optionally gzipped): one document per line; each
+Megatron's tools/preprocess_data.py flags (not supported: --split-sentences/--keep-newlines,
+--partitions: use --file-slice and data_tools/merge.py, or slurm/preprocess.sbatch, instead).
+Tokenizers (--tokenizer-model, told apart by content; data_tools/encoders.py): a sentencepiece .model
+or a Hugging Face tokenizer.json (its EOD: --eod-token, else the eos_token of a tokenizer_config.json
+beside it, else <|endoftext|>, <|end_of_text|>, </s>, <eos>). What a document is:
+* JSON lines (*.jsonl / *.json / *.ndjson, plain, gzip or zstandard): one document per line; each
   --json-keys field gives its own output PREFIX_KEY_document. Blank lines are ignored.
+* Parquet (*.parquet): one document per row of the --text-column (or each --json-keys column),
+  streamed one record batch at a time.
 * Plain text (any other name): one document per file (--text-unit file, the default: a text file is
   usually one work, and cutting it would put end-of-document tokens inside it), or one per
   blank-line-separated paragraph (--text-unit paragraph).
 Inputs are read in the order given (each glob's matches sorted by name); documents keep that order.
+--file-slice I/N takes the I-th of N contiguous runs of those files (a Slurm array task's share).
 
 Output: the exact bytes megatron-core's IndexedDatasetBuilder writes (add_document per document, then
 finalize; the tests prove it byte for byte), token ids as uint16 when the vocabulary has fewer than
@@ -20,10 +28,13 @@ document_indices entry and no sequence, as Megatron's writer does - except with 
 is the one token EOS (Megatron appends EOS only to non-empty documents; an empty document here still
 marks a document boundary).
 
-Speed: worker processes each load the tokenizer once, parse JSON and tokenise whole batches
-(sentencepiece's batched encode into numpy arrays); the main process only reads lines and appends
-the returned arrays to the .bin in input order. The .idx is computed with numpy at the end. This
-module imports neither torch nor megatron-core (megatron-core pulls in torch and Transformer Engine).
+Speed: worker processes each load the tokenizer once, parse JSON and tokenise whole batches; the
+main process only reads lines and appends the returned arrays to the .bin in input order; the .idx is
+computed with numpy at the end. A sentencepiece BPE model is encoded through an exact word cache
+(data_tools/encoders.py: each distinct run-of-spaces-plus-word is encoded once, by sentencepiece),
+which costs about half the CPU of the encoder alone on real text. This module imports neither torch
+nor megatron-core (megatron-core pulls in torch and Transformer Engine). docs/benchmarks/preprocess.md
+compares it with Megatron's own script.
 
 Safety: outputs are written as NAME.tmp-PID and renamed only when every output is complete (.bin
 first, .idx last, the old .idx removed first with --overwrite), so a pair whose .idx exists is whole.
@@ -103,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(separated by blank lines)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) malformed JSON lines, lines missing a field or with a non-string "
-                        "field, and plain text files that are not UTF-8, instead of stopping with an error")
+                        "field, parquet rows with a null value, and plain text files that are not UTF-8, "
+                        "instead of stopping with an error")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-model", default=DEFAULT_TOKENIZER_PREFIX + ".model",
                    help="sentencepiece .model (train one with data_tools/train_tokenizer.py) or a Hugging "

@@ -157,3 +157,21 @@ def test_eod_token_flag_is_for_tokenizer_json_only(tmp_path):
     with pytest.raises(DataToolError, match="--eod-token is for Hugging Face tokenizer.json"):
         preprocess.main(["--input", corpus, "--tokenizer-model", str(tmp_path / "spm.model"), "--eod-token", "</s>",
                          "--output-prefix", str(tmp_path / "x")])
+
+
+def test_full_export_with_tokenizer_json(hf_json, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from loopmoe.export.hf import SPM_COPY, export
+    from tests.test_export import build
+
+    m, cfg = build("tiny_loopmoe", vocab_size=1024)
+    out = str(tmp_path / "hf")
+    summary = export(m, cfg, out, tokenizer=hf_json)
+    eod = tokenizers.Tokenizer.from_file(hf_json).token_to_id("<|endoftext|>")
+    assert summary["tokenizer"] == hf_json and SPM_COPY not in os.listdir(out)
+    assert GenerationConfig.from_pretrained(out).eos_token_id == eod
+    back = AutoTokenizer.from_pretrained(out)
+    assert back("a b  c\n", add_special_tokens=False).input_ids == \
+        tokenizers.Tokenizer.from_file(hf_json).encode("a b  c\n", add_special_tokens=False).ids

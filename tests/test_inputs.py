@@ -99,3 +99,15 @@ def test_bad_json_line_in_zst_named_by_file_and_line(tmp_path, tokenizer):
     path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n{"text": "b"}\n{"text": \n'))
     r = run_cli("--input", str(path), "--tokenizer-model", tokenizer, "--output-prefix", str(tmp_path / "x"))
     assert r.returncode == 2 and f"{path}:3: not valid JSON" in r.stderr
+
+
+def test_tokenizer_trainer_reads_parquet_and_zst(tmp_path, docs):
+    from data_tools import train_tokenizer
+    from data_tools._common import iter_texts
+
+    par = write_parquet(tmp_path / "t.parquet", docs)
+    zst = write_zst(tmp_path / "t.jsonl.zst", docs)
+    assert list(iter_texts(par, "parquet", ["content"], False)) == docs
+    assert list(iter_texts(zst, "jsonl", ["text"], False)) == [d for d in docs]
+    assert train_tokenizer.main(["--input", par, "--json-keys", "content", "--output-prefix", str(tmp_path / "spm"),
+                                 "--vocab-size", "400", "--workers", "1"]) == 0

@@ -2,7 +2,8 @@
 
 The cache is exact only by an argument about the vocabulary (no piece crosses the start of a run of
 spaces), so it is checked against sentencepiece itself on adversarial random strings (spaces, literal
-"▁", newlines, tabs, digits, non-ASCII, long runs), for BPE and unigram models, with and without EOD,
+"▁", newlines, tabs, digits, non-ASCII, long runs), for BPE models (unigram ones are refused the cache
+and checked too), with and without EOD,
 when the cache fills and restarts, and for a model the argument does not cover (another normaliser),
 which must be refused the cache and still be exact."""
 from __future__ import annotations
