@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(commented_yaml(cfg), end="")  # YAML with each field's meaning as a comment
         return 0
+    from loopmoe.train import setup
     from loopmoe.train.preflight import PreflightError, preflight
 
+    # The launcher's rank (process groups come later): the preflight's warnings go to the run's log format.
+    env = os.environ
+    setup.setup_logging(int(env.get("RANK") or env.get("OMPI_COMM_WORLD_RANK") or env.get("SLURM_PROCID") or 0))
     try:  # data, tokenizer, DeepSpeed config, checkpoint: before process groups, model or engine exist
         resume_tag = preflight(cfg, layout)
     except PreflightError as e:

@@ -73,6 +73,7 @@ def _bad_inputs(data: dict, tmp) -> dict[str, tuple[list[str], str, list[str]]]:
     }
 
 
+@pytest.mark.slow  # pretrain_loopmoe.py subprocesses
 def test_each_bad_input_is_one_line_before_any_heavy_work(tmp_path, token_data):
     cases = _bad_inputs(token_data, tmp_path)
     for name, (overrides, prefix, words) in cases.items():
@@ -174,6 +175,7 @@ def test_no_intact_step_says_start_fresh(tmp_path, saved_run):
         resolve_resume(ckpt, "latest_intact")
 
 
+@pytest.mark.slow  # pretrain_loopmoe.py subprocesses
 def test_pretrain_refuses_a_damaged_checkpoint_then_falls_back_when_asked(tmp_path, saved_run, token_data):
     run = _copy_run(saved_run, tmp_path)
     _truncate(_shard(os.path.join(run, "checkpoints", "step_00000003")))
@@ -194,6 +196,7 @@ def test_pretrain_refuses_a_damaged_checkpoint_then_falls_back_when_asked(tmp_pa
 # Disk full during a save (files capped by RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)
 
 
+@pytest.mark.slow  # pretrain_loopmoe.py subprocesses
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, saved_run, token_data):
     import resource
 
@@ -224,6 +227,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, saved_run
 # SIGUSR1 (Slurm's time-limit warning) during start-up
 
 
+@pytest.mark.slow  # pretrain_loopmoe.py subprocesses
 def test_sigusr1_during_startup_checkpoints_after_the_first_step(tmp_path, token_data):
     run = tmp_path / "run"
     cmd = [sys.executable, "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml", *SMALL,
@@ -253,13 +257,14 @@ def test_nodelist_expansion_matches_scontrol():
 
     cases = {"gpu[01-04]": ["gpu01", "gpu02", "gpu03", "gpu04"], "a,b": ["a", "b"], "node7": ["node7"],
              "gpu[01-02,10],cpu-a[8-9]-ib": ["gpu01", "gpu02", "gpu10", "cpu-a8-ib", "cpu-a9-ib"],
+             "gpu[01-02,10],cpu[8-9]": ["gpu01", "gpu02", "gpu10", "cpu8", "cpu9"],
              "n[1-2]x[08-09]": ["n1x08", "n1x09", "n2x08", "n2x09"], "g[098-101]": ["g098", "g099", "g100", "g101"]}
     for nodes, want in cases.items():
         assert expand_nodelist(nodes) == want, nodes
     if shutil.which("scontrol"):  # Slurm's own expansion as the reference, where it is installed
         for nodes in cases:
             ref = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
-            if ref.returncode == 0:
+            if ref.stdout.split():  # (Slurm calls a suffix after a bracket invalid: empty output, rc 0)
                 assert expand_nodelist(nodes) == ref.stdout.split(), nodes
     with pytest.raises(ValueError, match="unbalanced"):
         expand_nodelist("gpu[01-04")
@@ -333,3 +338,56 @@ def test_pipeline_validation_says_what_it_does_not_report(caplog):
     with caplog.at_level(logging.WARNING, logger="loopmoe.parallel.pipeline"):
         PipelineEvalModel(types.SimpleNamespace(cfg=ModelConfig(n_loop=0, ffn="dense")))
     assert not caplog.records  # nothing is missing for a dense, unlooped model
+
+
+# ---------------------------------------------------------------------------------------------------
+# A hung peer (SIGSTOP of one rank): the others fail at parallel.timeout_minutes, not never
+
+
+@pytest.mark.slow
+def test_hung_peer_fails_the_job_at_the_collective_timeout(tmp_path, token_data):
+    import time
+
+    import psutil
+
+    from tests.conftest import free_port
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml", *SMALL,
+           f"data.prefixes={token_data['prefix']}", f"data.tokenizer_model={token_data['tok']}",
+           "model.vocab_size=1024", f"logging.run_dir={run}", "train.steps=100000", "train.log_interval=1",
+           "checkpoint.interval=100000", "logging.tensorboard=false", "parallel.timeout_minutes=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ranks = []
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # the event: training is under way (two steps logged)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            try:
+                lines = (run / "metrics.jsonl").read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            if sum('"loss"' in ln for ln in lines) >= 2:
+                break
+        ranks = [p for p in psutil.Process(proc.pid).children() if "pretrain_loopmoe.py" in " ".join(p.cmdline())]
+        peer = next(p for p in ranks if p.environ().get("RANK") == "1")
+        peer.suspend()  # SIGSTOP: alive, holds its sockets, answers nothing
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=600)
+        took = time.monotonic() - t0
+    finally:
+        for p in ranks:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+    assert 50 <= took <= 400, took  # parallel.timeout_minutes=1, plus torchrun stopping the group
+    _, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive
+    print(f"hung peer: the job failed {took:.0f} s after SIGSTOP of rank 1 (timeout 60 s)")

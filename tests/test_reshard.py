@@ -110,7 +110,8 @@ def test_pretrain_resumes_a_pipeline_checkpoint_under_tensor_parallelism(tmp_pat
 
     common = ["train.steps=4", "train.log_interval=1", "train.eval_interval=100", "checkpoint.interval=2",
               "model.lb_loss_coef=0"]
-    straight, _ = _pretrain(tmp_path / "pp", *token_prefix, 2, *common, "parallel.pp=2")
+    straight, pp_log = _pretrain(tmp_path / "pp", *token_prefix, 2, *common, "parallel.pp=2")
+    assert "validation reports val/loss only" in pp_log  # what PP validation leaves out is said, not silent
     shutil.copytree(tmp_path / "pp" / "checkpoints", tmp_path / "tp" / "checkpoints")
     (tmp_path / "tp" / "checkpoints" / "latest").write_text("step_00000002")
     resumed, log = _pretrain(tmp_path / "tp", *token_prefix, 2, *common, "parallel.tp=2",

@@ -420,11 +420,15 @@ class Checkpointer:
         cannot be written (the previous checkpoint stays the one ``latest`` names)."""
         tag = step_tag(step)
         work = os.path.join(self.dir, ".tmp", tag)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
         try:
             return self._save(engine, step, tag, work, client_state, config_yaml)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             # A full disk, a quota, a lost mount: torch's writer reports a short write as a RuntimeError
             # ("unexpected pos"), not an OSError, so every failure is named here; `latest` was not touched.
+            if isinstance(e, CheckpointException):  # megatron's wrapper of the writers' failures
+                e = next(iter(e.failures.values()))[0] if e.failures else e  # {rank: (exception, trace)}
             log.debug("checkpoint: saving step %d failed", step, exc_info=True)
             if self.rank == 0:
                 shutil.rmtree(work, ignore_errors=True)  # debris only
