@@ -118,7 +118,8 @@ class PipelineStage(nn.Module):
         for blk in self.coda.values():
             h = block(blk, h)
         aux = cfg.lb_loss_coef * lb + cfg.z_loss_coef * z
-        self.sums += torch.stack([torch.zeros(()), lb.detach().cpu(), z.detach().cpu()])
+        # summed on the device (no host read per micro-batch); read once per step
+        self.sums = self.sums.to(lb.device) + torch.stack([torch.zeros_like(lb), lb.detach(), z.detach()]).float()
         if not self.is_last:
             if aux.requires_grad:
                 h = _AttachAux.apply(h, aux, self.aux_weight / self.num_micro)
@@ -128,7 +129,7 @@ class PipelineStage(nn.Module):
         if labels is not None:
             out.lm_loss = lm_loss(logits, labels, loss_mask)
             out.loss = out.lm_loss + self.aux_weight * aux  # the schedule divides it by the micro-batches
-            self.sums[0] += out.lm_loss.detach().cpu()
+            self.sums[0] += out.lm_loss.detach().to(self.sums.device)
         return out
 
 

@@ -69,17 +69,21 @@ class Trainer:
             sums = pipeline_step(self.engine, self.stage, self.batches, self.cfg, self.state.step + 1,
                                  self.before_optimizer_step)
         else:
-            sums = torch.zeros(4)  # loss, lm_loss, lb_loss, z_loss summed over micro-batches
+            # loss, lm_loss, lb_loss, z_loss summed over micro-batches, on the loss's device: one host
+            # read per step (the finiteness check of the sum), not one per micro-batch
+            sums = torch.zeros(4)
             for i in range(self.cfg.train.grad_accum):
                 batch = next(self.batches)
                 out = self.engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
-                check_finite(out.loss, self.state.step + 1)
+                sums = sums.to(out.loss.device) + torch.stack([out.loss.detach(), out.lm_loss.detach(),
+                                                               out.lb_loss.detach(), out.z_loss.detach()]).float()
+                if i == self.cfg.train.grad_accum - 1:  # before the last backward and the optimizer step
+                    check_finite(sums[0], self.state.step + 1)  # non-finite iff some micro-batch's loss is
                 self.engine.backward(backward_loss(out, self.layout) if self.layout is not None else out.loss)
                 if i == self.cfg.train.grad_accum - 1 and self.before_optimizer_step is not None:
                     self.before_optimizer_step()
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-                sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.lb_loss.detach(),
-                                     out.z_loss.detach()]).float().cpu()
+            sums = sums.cpu()
         self.model.update_router_biases()  # aux-loss-free balancing: after the optimizer step, once per step
         # One all-reduce carries the metrics and the stop flag (a signal may reach only some ranks).
         packed = torch.cat([sums / self.cfg.train.grad_accum, torch.tensor([float(self.state.stop_requested)])])
