@@ -37,10 +37,18 @@ from typing import Any
 
 import torch
 
+from loopmoe.model import core
+
 log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE_FILES = ("configuration_loopmoe.py", "modeling_loopmoe.py")
+MODEL_DIR = os.path.join(os.path.dirname(HERE), "model")
+# remote-code files of an export -> their source: the shared maths and the execution order are the
+# training model's own files (modeling_loopmoe.py imports them relatively under these names)
+REMOTE_FILES = {"configuration_loopmoe.py": os.path.join(HERE, "configuration_loopmoe.py"),
+                "modeling_loopmoe.py": os.path.join(HERE, "modeling_loopmoe.py"),
+                "loopmoe_core.py": os.path.join(MODEL_DIR, "core.py"),
+                "loopmoe_schedule.py": os.path.join(MODEL_DIR, "schedule.py")}
 AUTO_MAP = {"AutoConfig": "configuration_loopmoe.LoopMoEConfig",
             "AutoModelForCausalLM": "modeling_loopmoe.LoopMoEForCausalLM"}
 EXPORT_META = "loopmoe_export.json"
@@ -91,17 +99,11 @@ def unique_name(mc, u: int) -> str:
 
 def split_qkv(w: torch.Tensor, mc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused qkv [(H + 2KV) hd, d], grouped by kv head ([q_1..q_{H/KV}, k, v] per group) -> q, k, v."""
-    qpk, hd, KV = mc.n_heads // mc.n_kv_heads, mc.head_dim, mc.n_kv_heads
-    g = w.reshape(KV, qpk + 2, hd, w.shape[-1])
-    return (g[:, :qpk].reshape(KV * qpk * hd, -1).clone(), g[:, qpk].reshape(KV * hd, -1).clone(),
-            g[:, qpk + 1].reshape(KV * hd, -1).clone())
+    return core.split_qkv_weight(w, mc.n_kv_heads, mc.n_heads // mc.n_kv_heads, mc.head_dim)
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mc) -> torch.Tensor:
-    qpk, hd, KV = mc.n_heads // mc.n_kv_heads, mc.head_dim, mc.n_kv_heads
-    d = q.shape[-1]
-    return torch.cat([q.reshape(KV, qpk, hd, d), k.reshape(KV, 1, hd, d), v.reshape(KV, 1, hd, d)],
-                     dim=1).reshape(-1, d).clone()
+    return core.fuse_qkv_weight(q, k, v, mc.head_dim)
 
 
 def _stock_block_map(arch: str) -> list[tuple[str, str, str]]:
@@ -458,8 +460,8 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
             os.remove(os.path.join(out, stale))
     hf.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     if chosen == "loopmoe":
-        for name in REMOTE_FILES:
-            shutil.copyfile(os.path.join(HERE, name), os.path.join(out, name))
+        for name, src in REMOTE_FILES.items():
+            shutil.copyfile(src, os.path.join(out, name))
         with open(os.path.join(out, "config.json")) as f:  # auto_map must be there (some versions drop it)
             conf = json.load(f)
         if conf.get("auto_map") != AUTO_MAP:

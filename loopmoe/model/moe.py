@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model import core
+
 
 @dataclass
 class Routing:
@@ -59,16 +61,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, forced_topk: torch.Tensor | None = None) -> Routing:
         T, E, k = x.shape[0], self.n_experts, self.k
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
-        if forced_topk is not None:
-            topk = forced_topk.to(logits.device)  # reuse a recorded decision
-        else:
-            select = logits + self.bias if self.aux_free else logits
-            topk = select.topk(k, dim=-1).indices  # [T, k]
-        probs = logits.softmax(dim=-1)  # [T, E]
-        if self.score == "topk_then_softmax":
-            gates = logits.gather(1, topk).softmax(dim=-1)  # [T, k], sums to 1
-        else:
-            gates = probs.gather(1, topk)  # [T, k], not renormalised
+        topk, gates, probs = core.route(logits, k, self.score, self.bias if self.aux_free else None,
+                                        forced_topk)  # [T, k], [T, k], [T, E]
         load = torch.bincount(topk.reshape(-1), minlength=E)  # [E]
         lb = E * (load.float() / (T * k) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -139,7 +133,7 @@ class SwiGLU(nn.Module):
         self.w2 = lin.row(hidden, d, out_std)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, d] -> [b, s, d]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return core.swiglu(x, self.w1, self.w3, self.w2)
 
 
 class MoE(nn.Module):
