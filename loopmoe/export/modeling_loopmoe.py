@@ -1,8 +1,9 @@
 """Hugging Face model of an exported LoopMoE checkpoint (``AutoModelForCausalLM`` + ``trust_remote_code``).
 
 Self-contained: imports only torch, transformers and the files exported beside it (never the ``loopmoe``
-training package): ``loopmoe_core.py`` (the shared maths, a copy of loopmoe/model/core.py) and
-``loopmoe_schedule.py`` (the execution order, a copy of loopmoe/model/schedule.py). So it computes
+training package): ``modeling_loopmoe_layers.py`` (the layers), ``loopmoe_core.py`` (the shared maths,
+a copy of loopmoe/model/core.py) and ``loopmoe_schedule.py`` (the execution order, a copy of
+loopmoe/model/schedule.py). So it computes
 exactly what the training model (loopmoe/model, docs/model.md) computes, with the same lines:
 
     embed -> prelude (P unique layers) -> loop (K shared layers, R iterations, IterAdaLN) -> coda (C)
@@ -36,20 +37,19 @@ Early exit (docs/export.md):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_loopmoe import LoopMoEConfig
-from .loopmoe_core import (adaln_gate, adaln_modulation, attention_input, block, entropy, iter_embedding,
-                           masked_ce, rope_angles, rotate)
+from .loopmoe_core import entropy, masked_ce
 from .loopmoe_schedule import LoopSchedule
+from .modeling_loopmoe_layers import (CacheSlot, LoopMoEBlock, LoopMoEExperts, LoopMoEIterAdaLN,
+                                      LoopMoEIterEmbed, LoopMoERMSNorm, LoopMoERouter, cache_length, rope_cos_sin)
 
 # transformers 5.x renamed the output's ``past_key_values`` to ``cache``; support both.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -63,236 +63,6 @@ class LoopMoECausalLMOutput(CausalLMOutputWithPast):
 
     exit_logits: tuple[torch.Tensor, ...] | None = None
     exit_iterations: torch.LongTensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Layers
-
-
-class LoopMoERMSNorm(nn.Module):
-    """torch's RMSNorm (F.rms_norm, as the training model's nn.RMSNorm); ``affine=False``: no weight."""
-
-    def __init__(self, d: int, eps: float, affine: bool = True):
-        super().__init__()
-        self.eps, self.d = eps, d
-        self.weight = nn.Parameter(torch.ones(d)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.d,), self.weight, self.eps)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids [b, s] -> cos, sin [b, s, hd] fp32 (rotate-half convention; training's rope_cache)."""
-    return rope_angles(position_ids, head_dim, theta)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, heads, s, hd]; cos/sin [b, s, hd]."""
-    return rotate(x, cos[:, None], sin[:, None])
-
-
-class _Slot:
-    """How one attention call uses the KV cache entry ``idx``: ``commit`` appends the new K/V (the
-    normal case); otherwise the past K/V are read and the new ones only remembered in ``self.new``."""
-
-    def __init__(self, cache: Cache | None, idx: int, commit: bool = True):
-        self.cache, self.idx, self.commit, self.new = cache, idx, commit, None
-
-    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.new = (k, v)
-        if self.cache is None:
-            return k, v
-        if self.commit:
-            return self.cache.update(k, v, self.idx)
-        past = _cached_kv(self.cache, self.idx)
-        if past is None:
-            return k, v
-        return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-
-
-def _cached_kv(cache: Cache, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The K/V stored for entry ``idx`` (None when empty), for transformers 4.5x and 5.x caches."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        if idx >= len(layers):
-            return None
-        layer = layers[idx]
-        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
-            return None
-        return layer.keys, layer.values
-    keys = getattr(cache, "key_cache", [])
-    if idx >= len(keys) or keys[idx] is None or keys[idx].numel() == 0:
-        return None
-    return keys[idx], cache.value_cache[idx]
-
-
-def _cache_length(cache: Cache | None) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
-class LoopMoEAttention(nn.Module):
-    """GQA: query head h reads kv head h // (H / KV) (the training model's grouped qkv layout, split)."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        d, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.H, self.KV, self.hd = H, KV, hd
-        self.q_proj = nn.Linear(d, H * hd, bias=False)
-        self.k_proj = nn.Linear(d, KV * hd, bias=False)
-        self.v_proj = nn.Linear(d, KV * hd, bias=False)
-        self.o_proj = nn.Linear(H * hd, d, bias=False)
-
-    def kv(self, x, cos, sin):  # x [b, s, d] -> k, v [b, KV, s, hd] (k rotated)
-        b, s, _ = x.shape
-        k = self.k_proj(x).view(b, s, self.KV, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.KV, self.hd).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
-
-    def forward(self, x, cos, sin, mask, slot: _Slot | None):
-        b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.H, self.hd).transpose(1, 2), cos, sin)
-        k, v = self.kv(x, cos, sin)
-        if slot is not None:
-            k, v = slot(k, v)  # [b, KV, past + s, hd]
-        causal = mask is None and s > 1 and k.shape[2] == s
-        if mask is None and s > 1 and k.shape[2] != s:  # several new tokens after a cached past
-            past = k.shape[2] - s
-            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           scale=1.0 / math.sqrt(self.hd), enable_gqa=True)  # [b, H, s, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
-
-
-class LoopMoEMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x). The dense FFN and the (ungated) shared experts."""
-
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class LoopMoERouter(nn.Module):
-    """fp32 logits; selection = top-k of logits + e_score_correction_bias (the aux-free balancing bias,
-    selection only); gates = softmax over the k selected logits, or (softmax_then_topk) softmax over all
-    E taken at the selected experts, not renormalised."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.k, self.score = cfg.num_experts_per_tok, cfg.router_score
-        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
-
-    def forward(self, x):  # x [T, d] -> topk [T, k], gates [T, k] fp32
-        logits = F.linear(x.float(), self.weight.float())
-        topk = (logits + self.e_score_correction_bias.float()).topk(self.k, dim=-1).indices
-        if self.score == "topk_then_softmax":
-            gates = logits.gather(1, topk).softmax(dim=-1)
-        else:
-            gates = logits.softmax(dim=-1).gather(1, topk)
-        return topk, gates
-
-
-class LoopMoEExperts(nn.Module):
-    """Stacked SwiGLU experts, training layout: gate_up_proj [E, d, 2h] (gate | up), down_proj [E, h, d]."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        E, d, h = cfg.n_experts, cfg.hidden_size, cfg.expert_hidden
-        self.n = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, d, 2 * h))
-        self.down_proj = nn.Parameter(torch.empty(E, h, d))
-
-    def forward(self, x, topk, gates):  # x [T, d] -> [T, d]; dropless index dispatch as in training
-        T, k = topk.shape
-        flat = topk.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n).tolist()
-        token = order // k
-        outs = []
-        for e, xe in enumerate(x[token].split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            g, u = (xe @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append((F.silu(g) * u) @ self.down_proj[e])
-        ys = torch.cat(outs) if outs else x[token]
-        w = gates.reshape(-1)[order].unsqueeze(1)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys.float() * w).to(x.dtype)
-
-
-class LoopMoESparseMoE(nn.Module):
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.gate = LoopMoERouter(cfg)
-        self.experts = LoopMoEExperts(cfg)
-        h_shared = cfg.n_shared_experts * cfg.expert_hidden
-        self.shared_expert = LoopMoEMLP(cfg.hidden_size, h_shared) if h_shared else None
-
-    def forward(self, x):
-        b, s, d = x.shape
-        xf = x.reshape(b * s, d)
-        topk, gates = self.gate(xf)
-        y = self.experts(xf, topk, gates).view(b, s, d)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
-        return y
-
-
-class LoopMoEIterEmbed(nn.Module):
-    """e_k = fc2(silu(fc1(sinusoid(k)))) in R^r, shared by all loop layers."""
-
-    def __init__(self, rank: int):
-        super().__init__()
-        self.freq_dim = 2 * ((rank + 1) // 2)
-        self.fc1 = nn.Linear(self.freq_dim, rank)
-        self.fc2 = nn.Linear(rank, rank)
-
-    def forward(self, k: int) -> torch.Tensor:
-        return iter_embedding(k, self.fc1, self.fc2)
-
-
-class LoopMoEIterAdaLN(nn.Module):
-    """[shift_a, scale_a, gate_a, shift_f, scale_f, gate_f] = modulation(SiLU(e_k + token_proj(RMSNorm(x))))."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.mode, self.gate_mode = cfg.adaln, cfg.adaln_gate
-        if self.mode in ("both", "token"):
-            self.norm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps, affine=False)
-            self.token_proj = nn.Linear(cfg.hidden_size, cfg.adaln_rank, bias=False)
-        self.modulation = nn.Linear(cfg.adaln_rank, 6 * cfg.hidden_size)
-
-    def forward(self, x, e_k):
-        return adaln_modulation(x, e_k, self.mode, getattr(self, "norm", None), getattr(self, "token_proj", None),
-                                self.modulation)
-
-    def gate(self, g):
-        return adaln_gate(g, self.gate_mode)
-
-
-class LoopMoEBlock(nn.Module):
-    def __init__(self, cfg: LoopMoEConfig, adaln: bool):
-        super().__init__()
-        self.input_layernorm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LoopMoEAttention(cfg)
-        self.post_attention_layernorm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (LoopMoESparseMoE(cfg) if cfg.ffn == "moe"
-                    else LoopMoEMLP(cfg.hidden_size, cfg.dense_hidden))
-        self.adaln = LoopMoEIterAdaLN(cfg) if adaln else None
-
-    def forward(self, x, cos, sin, mask, slot, e_k=None):
-        return block(x, lambda a: self.self_attn(a, cos, sin, mask, slot), lambda f: (self.mlp(f), None),
-                     self.input_layernorm, self.post_attention_layernorm, self.adaln, e_k)[0]
-
-    def propagate_kv(self, x, cos, sin, slot, e_k=None):
-        """State propagation: append the K/V this layer computes from input x (nothing else runs)."""
-        a_in, _ = attention_input(x, self.input_layernorm, self.adaln, e_k)
-        slot(*self.self_attn.kv(a_in, cos, sin))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,7 +184,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
 
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = h.shape
-        past = _cache_length(cache)
+        past = cache_length(cache)
         if attention_mask is not None and attention_mask.shape[1] == s and past:
             attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
         if position_ids is None:
@@ -450,7 +220,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         sched, layers = self.schedule, self.model.layers
 
         def run_layer(st, h, e_k):  # every executed layer of the trunk
-            return layers[st.layer](h, cos, sin, mask, _Slot(cache, st.executed), e_k)
+            return layers[st.layer](h, cos, sin, mask, CacheSlot(cache, st.executed), e_k)
 
         exits = []
         read_exit = (lambda it, h: exits.append(self._readout(h, cos, sin, mask, None, commit=True)[0])
@@ -467,7 +237,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         for it in iterations:
             e_k = self._e(it)
             for st in self.schedule.loop_steps(it):
-                self.model.layers[st.layer].propagate_kv(h_exit, cos, sin, _Slot(cache, st.executed), e_k)
+                self.model.layers[st.layer].propagate_kv(h_exit, cos, sin, CacheSlot(cache, st.executed), e_k)
 
     def _e(self, it: int):
         return self.model.iter_embed(it) if self.model.iter_embed is not None else None
@@ -477,7 +247,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         layers, slots = self.model.layers, []
 
         def run_layer(st, h, e_k):
-            slots.append(_Slot(cache, st.executed, commit))
+            slots.append(CacheSlot(cache, st.executed, commit))
             return layers[st.layer](h, cos, sin, mask, slots[-1], e_k)
 
         h = self.schedule.coda(h, run_layer)
@@ -513,10 +283,10 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             return torch.where(sel.view(-1, *([1] * (new.dim() - 1))), new, old)
 
         def prelude_layer(st, h, e_k):
-            return layers[st.layer](h, cos, sin, mask, _Slot(cache, st.executed), e_k)
+            return layers[st.layer](h, cos, sin, mask, CacheSlot(cache, st.executed), e_k)
 
         def loop_layer(st, h, e_k):
-            active, slot = state["active"], _Slot(cache, st.executed)
+            active, slot = state["active"], CacheSlot(cache, st.executed)
             if not bool(active.any()):  # everyone exited: only propagate K/V from h_exit
                 layers[st.layer].propagate_kv(h_exit[0], cos, sin, slot, e_k)
                 return h
