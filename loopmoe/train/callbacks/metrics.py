@@ -29,6 +29,7 @@ def default_peak_tflops(precision: str) -> float:
 
 
 class MetricsLogger(Callback):
+    priority = 20  # after the callbacks that record metrics (validation), before the checkpoint
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
                  progress_bar: bool):
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
