@@ -20,14 +20,13 @@ Writes routing.json, routing.md, routing.png (histograms) and routing_forced.png
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
 
 import torch
 
-from loopmoe.analysis import routing_metrics as rm
+from loopmoe.model import routing_metrics as rm
 
 
 @torch.no_grad()
@@ -165,13 +164,9 @@ def markdown(report: dict) -> str:
 
 def write(report: dict, out: str, prefix: str = "", title: str = "") -> list[str]:
     from loopmoe.analysis import plots
-    from loopmoe.analysis.early_exit import jsonable
+    from loopmoe.analysis.reports import write_report
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, prefix + "routing.json"), "w") as f:
-        json.dump(jsonable(report), f, indent=1)
-    with open(os.path.join(out, prefix + "routing.md"), "w") as f:
-        f.write(f"# Routing divergence: {title}\n\n" + markdown(report) + "\n")
+    write_report(out, prefix + "routing", report, f"Routing divergence: {title}", markdown(report))
     pngs = [os.path.join(out, prefix + "routing.png"), os.path.join(out, prefix + "routing_forced.png")]
     plots.routing_figure(report, pngs[0], title)
     plots.forced_figure(report, pngs[1])
