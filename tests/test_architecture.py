@@ -168,3 +168,17 @@ def test_docs_name_every_layer():
     for prefix in LAYERS:
         if prefix != "loopmoe":
             assert prefix.removeprefix("loopmoe.") in doc, f"docs/architecture.md does not mention {prefix}"
+
+
+def test_the_export_ships_every_file_its_remote_code_imports():
+    """Every relative import of the remote-code files names a file hf.py copies into the export, and the
+    shared core and schedule are the training model's own files (not second copies)."""
+    from loopmoe.export.hf import REMOTE_FILES
+
+    for name in ("modeling_loopmoe.py", "modeling_loopmoe_layers.py", "configuration_loopmoe.py"):
+        tree = ast.parse(pathlib.Path(REMOTE_FILES[name]).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert f"{node.module}.py" in REMOTE_FILES, f"{name} imports .{node.module}, which is not exported"
+    assert pathlib.Path(REMOTE_FILES["loopmoe_core.py"]) == MODULES["loopmoe.model.core"]
+    assert pathlib.Path(REMOTE_FILES["loopmoe_schedule.py"]) == MODULES["loopmoe.model.schedule"]
