@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from loopmoe.analysis.exit_plan import ExitPlan, PlanStep, make_plan, step_costs
 from loopmoe.model import core
 from loopmoe.model.core import entropy
+from loopmoe.model.schedule import reinjected
 
 
 
@@ -137,7 +138,7 @@ class ExitRunner:
                 if st.loop_start:
                     x0 = h  # the loop's input (prelude output), for re-injection
                 if st.reinject:
-                    h = torch.where(active[..., None], h + x0, h)
+                    h = reinjected(h, x0, active)
                 h = self._step(st, h, active, mode, gather, e)
             g, ins = h, []
             for c, st in enumerate(plan.readout):

@@ -89,7 +89,7 @@ class LoopSchedule:
             e_k = iter_embed(it) if iter_embed is not None else None  # [r]
             for st in self.loop_steps(it):
                 if st.reinject:
-                    h = h + x0  # re-inject the loop input before every iteration after the first
+                    h = reinjected(h, x0)  # the loop input, before every iteration after the first
                 h = run_layer(st, h, e_k)
             if after_iteration is not None and it < n - 1:
                 after_iteration(it, h)
@@ -106,6 +106,14 @@ class LoopSchedule:
         if self.K and lo <= self.P < (self.P + self.K + self.C if hi is None else hi):
             h = self.loop(h, run_layer, iter_embed, n_iters, after_iteration)
         return self.coda(h, run_layer, lo, hi)
+
+
+def reinjected(h, x0, rows=None):
+    """Input re-injection: h + x0; with ``rows`` (bool [b, s]) only there (the early-exit runner: the
+    tokens still running keep being updated, exited ones keep their state)."""
+    if rows is None:
+        return h + x0
+    return (h + x0).where(rows[..., None], h)
 
 
 def _run_unique(steps: list[Step], h, run_layer: Callable, lo: int, hi: int | None):
