@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from loopmoe.config import ConfigError, describe_fields, load_config, save_config
+from loopmoe.config import ConfigError, load_config, save_config
+from loopmoe.config_help import describe_fields
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

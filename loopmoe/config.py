@@ -269,13 +269,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
-            for key, value in values.items():
-                _apply(cfg, section, key, value, path)
+        _apply_sections(cfg, raw, path)
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
@@ -357,8 +351,26 @@ def save_config(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
-def describe_fields() -> str:
-    """Text for --help: every section and field with its default and meaning (loopmoe/config_help.py)."""
-    from loopmoe.config_help import describe_fields as describe
 
-    return describe()
+def _apply_sections(cfg: Config, raw: Any, where: str) -> None:
+    """{section: {key: value}} onto ``cfg``, every value checked as an override would be."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (model:, data:, train: ...)")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of key: value")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, where)
+
+
+def from_dict(raw: dict, where: str = "config mapping", overrides: list[str] | None = None) -> Config:
+    """Defaults <- ``raw`` ({section: {key: value}}, e.g. ``to_dict`` of a saved run) <- overrides; then
+    validate. ``where`` names the source in errors (a file, a JSON key)."""
+    cfg = Config()
+    _apply_sections(cfg, raw, where)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+Config.from_dict = staticmethod(from_dict)  # Config.from_dict(raw), as a constructor

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from loopmoe import balance, flops
-from loopmoe.balance import BalanceError, Constraints, Layout, compare, solve
+from loopmoe.balance import BalanceError, Constraints, compare, solve
+from loopmoe.balance import LoopLayout as Layout
 from loopmoe.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

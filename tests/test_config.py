@@ -71,3 +71,18 @@ def test_cli_help_lists_sections_and_rejects_bad_override():
     bad = subprocess.run([sys.executable, "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml",
                           "train.stepz=3"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'steps'" in bad.stderr
+
+
+def test_from_dict_equals_the_yaml_it_was_saved_from(tmp_path):
+    """Config.from_dict (the reverse converter reads the training config of an export with it) gives the
+    config that saving to YAML and loading gives, and names its source and the key in errors."""
+    from loopmoe.config import to_dict
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_loopmoe.yaml"), ["model.loop_iters=3", "train.steps=7"])
+    save_config(cfg, str(tmp_path / "c.yaml"))
+    assert Config.from_dict(to_dict(cfg)) == load_config(str(tmp_path / "c.yaml")) == cfg
+    assert Config.from_dict({}) == load_config(None)
+    with pytest.raises(ConfigError, match=r"meta.json: training_config: section 'model': unknown key 'loop_iter'"):
+        Config.from_dict({"model": {"loop_iter": 2}}, "meta.json: training_config")
+    with pytest.raises(ConfigError, match="model.n_loop"):  # validated like a loaded file
+        Config.from_dict({"model": {"n_loop": -1}})

@@ -210,9 +210,11 @@ def _ep_worker():
     from megatron.core import parallel_state as ps
 
     from loopmoe.parallel.distributed import shutdown
+    from loopmoe.parallel.groups import create_expert_groups
 
     dist.init_process_group("gloo")
-    ps.initialize_model_parallel(1, 1)  # the MoE's expert groups come from loopmoe.parallel.groups
+    ps.initialize_model_parallel(1, 1)
+    create_expert_groups(2)  # the one constructor of the MoE's expert groups (the model only looks them up)
     _ep_checks(dist.get_rank())
     shutdown()  # once the layers (which hold the expert group) are gone: see distributed.shutdown
 

@@ -131,7 +131,7 @@ def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step
     from loopmoe.parallel.pipeline import PipelineEvalModel
     from loopmoe.train.checkpoint import Checkpointer
     from loopmoe.train.engine import build_engine
-    from loopmoe.train.loop import Trainer
+    from loopmoe.train.loop import Callback, Trainer
     from loopmoe.train.setup import build_model
 
     world = dist.get_world_size()
@@ -160,8 +160,14 @@ def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step
                 grads[n] = safe_get_full_grad(p).detach().flatten().tolist()
 
     losses, norms, counter = [], [], None
+
+    class CaptureFirstStep(Callback):  # the gradients of step 1, reduced, before the optimizer step
+        def pre_optim_step(self, trainer):
+            if not losses:
+                capture()
+
+    trainer.callbacks.append(CaptureFirstStep())
     while trainer.state.step < steps:
-        trainer.before_optimizer_step = capture if not losses else None
         if trainer.state.step + 1 == count_step:
             with CountReductions() as counter:
                 m = trainer.train_step()

@@ -35,6 +35,9 @@ plain forward ``model(tokens)`` (the no-exit baseline) in the same process and t
 read-out costs coda + head FLOPs for the tokens still running: at small scale the head is a large
 share of the model, so the NET FLOP saving (read-outs and propagated K/V included) is reported beside
 the IDEAL one (skipped layers only, the usual paper number). See docs/analysis.md.
+
+Files: exit_plan.py (boundaries and FLOP costs), exit_runner.py (the exit-enabled forward), this file
+(sweep, logit lens, report, command line).
 """
 from __future__ import annotations
 
@@ -44,317 +47,19 @@ if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed i
     quiet_start()
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from loopmoe import flops
-from loopmoe.analysis.logit_lens import LensAccumulator, entropy, token_ce
-
-# ---------------------------------------------------------------------------------------------------
-# The plan: which layers run between boundaries, and what one read-out costs
-
-
-@dataclass
-class PlanStep:
-    kind: str  # "prelude" | "loop" | "coda": the model's ModuleList
-    index: int  # index in that ModuleList
-    layer: int  # unique layer index (model.layers order)
-    iteration: int = 0  # loop iteration (0-based)
-    reinject: bool = False  # add the loop input x0 before this step (input_reinjection)
-
-
-@dataclass
-class ExitPlan:
-    segments: list[list[PlanStep]]  # layers run before boundary 1, between 1 and 2, ...
-    readout: list[PlanStep]  # run at every read-out before norm + head (the coda; empty if none)
-    names: list[str]  # boundary names
-    exec_fraction: list[float]  # per-token FLOP fraction executed by a token exiting at each boundary
-    looped: bool
-
-    @property
-    def n(self) -> int:
-        return len(self.segments)
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Forward FLOPs per token by the flops.py convention, split by step."""
-
-    full: dict[str, int]  # one executed layer of this kind
-    kv: dict[str, int]  # K/V projection (+ IterAdaLN) for a propagated (exited) token
-    head: int
-    total: int  # one full forward per token (= flops.forward_flops_per_token)
-
-
-def step_costs(cfg, seq_len: int) -> Costs:
-    c = flops.counts_from_config(cfg)
-    attn = c.attn // cfg.n_unique_layers
-    ffn = c.ffn_active // cfg.n_executed_layers
-    passes = cfg.n_loop * cfg.loop_iters
-    adaln = c.adaln_active // passes if passes and c.adaln_active else 0
-    scores = 4 * cfg.n_heads * cfg.head_dim * seq_len
-    kv_proj = 2 * cfg.n_kv_heads * cfg.head_dim * cfg.d_model
-    full = {"prelude": 2 * (attn + ffn) + scores, "coda": 2 * (attn + ffn) + scores,
-            "loop": 2 * (attn + ffn + adaln) + scores}
-    kv = {"prelude": 2 * kv_proj, "coda": 2 * kv_proj, "loop": 2 * (kv_proj + adaln)}
-    total = (full["prelude"] * cfg.n_prelude + full["loop"] * passes + full["coda"] * cfg.n_coda + 2 * c.head)
-    return Costs(full, kv, 2 * c.head, total)
-
-
-def _steps(cfg) -> tuple[list[PlanStep], list[list[PlanStep]], list[PlanStep]]:
-    P, K, C = cfg.n_prelude, cfg.n_loop, cfg.n_coda
-    pre = [PlanStep("prelude", i, i) for i in range(P)]
-    iters = [[PlanStep("loop", j, P + j, it, reinject=(j == 0 and it > 0 and cfg.input_reinjection))
-              for j in range(K)] for it in range(cfg.loop_iters if K else 0)]
-    coda = [PlanStep("coda", c, P + K + c) for c in range(C)]
-    return pre, iters, coda
-
-
-def loop_fractions(cfg, seq_len: int) -> list[float]:
-    """Executed-FLOP fraction when a looped model exits after iteration k = 1..R-1."""
-    return make_plan(cfg, seq_len).exec_fraction[:-1]
-
-
-def make_plan(cfg, seq_len: int, match_fractions: list[float] | None = None) -> ExitPlan:
-    """Boundaries of ``cfg`` (a ModelConfig); see the module doc."""
-    costs = step_costs(cfg, seq_len)
-    pre, iters, coda = _steps(cfg)
-    if cfg.n_loop and cfg.loop_iters > 1:
-        segments = [pre + iters[0]] + iters[1:]
-        names = [f"iter {k + 1}" for k in range(cfg.loop_iters)]
-        readout = coda
-    else:
-        layers = pre + [s for it in iters for s in it] + coda
-        L = len(layers)
-        cum = [0]
-        for st in layers:
-            cum.append(cum[-1] + costs.full[st.kind])
-        frac = [(cum[n] + costs.head) / costs.total for n in range(L + 1)]
-        targets = match_fractions if match_fractions is not None else [0.75]
-        cuts = sorted({min(range(1, L), key=lambda n: abs(frac[n] - f)) for f in targets} if L > 1 else set())
-        bounds = cuts + [L]
-        segments = [layers[a:b] for a, b in zip([0] + cuts, bounds)]
-        names = [f"layer {b}" for b in bounds]
-        readout = []
-    ro = sum(costs.full[s.kind] for s in readout) + costs.head
-    fractions, run = [], 0
-    for seg in segments:
-        run += sum(costs.full[s.kind] for s in seg)
-        fractions.append((run + ro) / costs.total)
-    return ExitPlan(segments, readout, names, fractions, bool(cfg.n_loop and cfg.loop_iters > 1))
-
-
-def flops_for_fractions(plan: ExitPlan, costs: Costs, exit_frac: list[float], mode: str = "token") -> dict:
-    """Per-token FLOPs executed when ``exit_frac[k]`` of the tokens exit at boundary k (sums to 1).
-
-    Returns ideal_saved (skipped layers only), net_saved (read-outs at every boundary passed and, in
-    token mode, K/V of propagated tokens included) and executed (FLOPs per token).
-    """
-    ideal = 1.0 - sum(f * e for f, e in zip(exit_frac, plan.exec_fraction))
-    executed, active = 0.0, 1.0
-    for k, seg in enumerate(plan.segments):
-        if active <= 1e-12:
-            break
-        partial = mode == "token" and active < 1.0
-        executed += sum(active * costs.full[s.kind] + (1 - active) * costs.kv[s.kind] * partial for s in seg)
-        executed += sum(active * costs.full[s.kind] + (1 - active) * costs.kv[s.kind] * partial
-                        for s in plan.readout) + active * costs.head
-        active -= exit_frac[k]
-    return {"ideal_saved": ideal, "net_saved": 1.0 - executed / costs.total, "executed": executed}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The exit-enabled forward
-
-
-def _rope(x, cos, sin):  # x [..., hd]; cos/sin broadcastable (rotate-half, as loopmoe/model/attention.py)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def exit_decision(logits: torch.Tensor, threshold: float, mode: str = "token", seq_len: int | None = None
-                  ) -> torch.Tensor:
-    """logits [N, V] of the running tokens -> [N] bool: exit here. token: entropy (nats) <= threshold;
-    sequence: the N tokens are whole rows of ``seq_len``, a row exits when its MEAN entropy <= threshold."""
-    ent = entropy(logits)  # [N]
-    if mode == "token":
-        return ent <= threshold
-    s = seq_len or ent.numel()
-    return (ent.view(-1, s).mean(1) <= threshold).repeat_interleave(s)
-
-
-@dataclass
-class ExitResult:
-    logits: torch.Tensor  # [b, s, V] each token's output (its read-out at its exit boundary)
-    exit_at: torch.Tensor  # [b, s] boundary index (0-based) where each token exited
-    flops: float  # FLOPs executed for the batch (by the cost table)
-    readouts: list[torch.Tensor] = field(default_factory=list)  # with collect=True: every boundary's logits
-
-
-class ExitRunner:
-    """Runs a LoopMoEModel boundary by boundary, skipping the remaining work of exited tokens."""
-
-    def __init__(self, model, plan: ExitPlan | None = None, seq_len: int | None = None,
-                 match_fractions: list[float] | None = None):
-        self.model = model
-        cfg = model.cfg
-        self.seq_len = seq_len or cfg.max_seq_len
-        self.plan = plan or make_plan(cfg, self.seq_len, match_fractions)
-        self.costs = step_costs(cfg, self.seq_len)
-        self._qkv: dict[int, tuple] = {}
-
-    def _block(self, st: PlanStep):
-        return getattr(self.model, st.kind)[st.index]
-
-    def _split_qkv(self, blk):
-        """q and k/v rows of the fused qkv weight (layout: KV groups of [q_1..q_{H/KV}, k, v] x hd)."""
-        key = id(blk)
-        if key not in self._qkv:
-            a = blk.attn
-            w = a.qkv.weight  # [n_qkv, d]
-            g = w.view(a.n_kv_local, a.q_per_kv + 2, a.head_dim, -1)
-            self._qkv[key] = (g[:, :-2].reshape(-1, w.shape[1]).contiguous(),
-                              g[:, -2].reshape(-1, w.shape[1]).contiguous(),
-                              g[:, -1].reshape(-1, w.shape[1]).contiguous())
-        return self._qkv[key]
-
-    def _full(self, blk, h, e_k):
-        return blk(h, (self.model.rope_cos, self.model.rope_sin), e_k)[0]
-
-    def _partial(self, blk, h, active, e_k):
-        """Token mode: the block for the running tokens; K/V only for the others (frozen state)."""
-        b, s, d = h.shape
-        a = blk.attn
-        hd, H, KV = a.head_dim, a.n_kv_local * a.q_per_kv, a.n_kv_local
-        if blk.adaln is not None:
-            shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = blk.adaln(h, e_k)
-            a_in = blk.attn_norm(h) * (1 + scale_a) + shift_a  # [b, s, d]
-        else:
-            a_in = blk.attn_norm(h)
-        wq, wk, wv = self._split_qkv(blk)
-        cos, sin = self.model.rope_cos[:s], self.model.rope_sin[:s]  # [s, hd]
-        k = _rope(F.linear(a_in, wk).view(b, s, KV, hd), cos[:, None], sin[:, None]).transpose(1, 2)
-        v = F.linear(a_in, wv).view(b, s, KV, hd).transpose(1, 2)  # [b, KV, s, hd]
-        n = int(active.sum(1).max())
-        pos = torch.arange(s, device=h.device).expand(b, s)
-        srt = torch.where(active, pos, pos + s).sort(dim=1).values[:, :n]  # running positions first
-        valid = srt < s  # [b, n]
-        qpos = torch.where(valid, srt, torch.zeros_like(srt))
-        a_q = a_in.gather(1, qpos[..., None].expand(b, n, d))  # [b, n, d]
-        q = _rope(F.linear(a_q, wq).view(b, n, H, hd), cos[qpos][:, :, None], sin[qpos][:, :, None])
-        mask = torch.arange(s, device=h.device)[None, None, :] <= qpos[:, :, None]  # [b, n, s]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
-                                           scale=1.0 / math.sqrt(hd), enable_gqa=True)  # [b, H, n, hd]
-        y = a.proj(y.transpose(1, 2).reshape(b, n, H * hd))[valid]  # [N, d], row-major = flat order
-        flat = (torch.arange(b, device=h.device)[:, None] * s + qpos)[valid]  # [N]
-        hf = h.reshape(b * s, d)
-        x = hf[flat]
-
-        def at(t):  # a modulation at the running tokens ([b, s, d]) or shared by all ("iter": [d])
-            return t.reshape(b * s, d)[flat] if t.dim() == 3 else t
-
-        if blk.adaln is not None:
-            x = x + blk.adaln.gate(at(gate_a)) * y
-            f_in = blk.ffn_norm(x) * (1 + at(scale_f)) + at(shift_f)
-            x = x + blk.adaln.gate(at(gate_f)) * blk._ffn(f_in[None], None)[0][0]
-        else:
-            x = x + y
-            x = x + blk._ffn(blk.ffn_norm(x)[None], None)[0][0]
-        out = hf.clone()
-        out[flat] = x
-        return out.view(b, s, d)
-
-    def _step(self, st: PlanStep, h, active, mode: str, gather: bool, e: dict):
-        blk = self._block(st)
-        e_k = e.get(st.iteration) if st.kind == "loop" else None
-        n_act, T = int(active.sum()), active.numel()
-        self._flops += n_act * self.costs.full[st.kind]
-        if n_act == T:
-            return self._full(blk, h, e_k)
-        if mode == "sequence":
-            rows = active.any(1)
-            out = h.clone()
-            out[rows] = self._full(blk, h[rows], e_k)
-            return out
-        self._flops += (T - n_act) * self.costs.kv[st.kind]
-        if not gather:  # reference: the whole block for everyone, frozen states kept for the exited
-            return torch.where(active[..., None], self._full(blk, h, e_k), h)
-        return self._partial(blk, h, active, e_k)
-
-    @torch.no_grad()
-    def run(self, tokens: torch.Tensor, threshold: float | None = None, mode: str = "token",
-            gather: bool = True, collect: bool = False) -> ExitResult:
-        """tokens [b, s]. ``threshold`` None: nobody exits before the last boundary (read-outs are still
-        computed at every boundary). ``collect``: return every boundary's read-out (needs threshold None).
-        ``gather=False`` computes the same function by running whole blocks and masking (test reference)."""
-        if mode not in ("token", "sequence"):
-            raise ValueError(f"mode={mode!r}: use token or sequence")
-        if collect and threshold is not None:
-            raise ValueError("collect=True needs threshold=None (every token must reach every boundary)")
-        m, plan = self.model, self.plan
-        b, s = tokens.shape
-        self._flops = 0.0
-        e = {}
-        if m.iter_embed is not None:
-            e = {it: m.iter_embed(it) for it in range(m.cfg.loop_iters)}
-        h = m.embed(tokens)
-        active = torch.ones(b, s, dtype=torch.bool, device=tokens.device)
-        logits = None
-        exit_at = torch.full((b, s), plan.n - 1, dtype=torch.long, device=tokens.device)
-        cache: list[torch.Tensor | None] = [None] * len(plan.readout)  # coda inputs of exited tokens
-        readouts = []
-        x0 = None
-        for k, seg in enumerate(plan.segments):
-            for st in seg:
-                if st.kind == "loop" and st.iteration == 0 and st.index == 0:
-                    x0 = h  # the loop's input (prelude output), for re-injection
-                if st.reinject:
-                    h = torch.where(active[..., None], h + x0, h)
-                h = self._step(st, h, active, mode, gather, e)
-            g, ins = h, []
-            for c, st in enumerate(plan.readout):
-                if cache[c] is not None and mode == "token":
-                    g = torch.where(active[..., None], g, cache[c])
-                ins.append(g)
-                g = self._step(st, g, active, mode, gather, e)
-            n_act = int(active.sum())
-            self._flops += n_act * self.costs.head
-            everyone = n_act == b * s
-            lg = m.head(m.norm(g if everyone else g[active][None]))  # [b, s, V] or [1, N, V]: running only
-            lg = lg.reshape(n_act, -1)  # [N, V]
-            if collect:
-                readouts.append(lg.view(b, s, -1))
-            if k == plan.n - 1 or threshold is None:
-                ex = torch.full((n_act,), k == plan.n - 1, dtype=torch.bool, device=lg.device)
-            else:  # in sequence mode the running tokens are complete rows of s tokens
-                ex = exit_decision(lg, threshold, mode, s)
-            n_ex = int(ex.sum())
-            if everyone and n_ex == n_act:  # the whole batch exits here: no copies
-                logits = lg.view(b, s, -1)
-                exit_at.fill_(k)
-                break
-            exiting = torch.zeros_like(active)
-            exiting[active] = ex
-            if logits is None:
-                logits = lg.new_empty(b, s, lg.shape[-1])
-            logits[exiting] = lg[ex]
-            exit_at[exiting] = k
-            if mode == "token" and bool(ex.any()):
-                for c, inp in enumerate(ins):
-                    base = cache[c] if cache[c] is not None else torch.zeros_like(inp)
-                    cache[c] = torch.where(exiting[..., None], inp, base)
-            active = active & ~exiting
-            if not bool(active.any()):
-                break
-        return ExitResult(logits, exit_at, self._flops, readouts)
-
+from loopmoe.analysis.exit_plan import (Costs, ExitPlan, PlanStep, flops_for_fractions,  # noqa: F401
+                                       loop_fractions, make_plan, step_costs)
+from loopmoe.analysis.exit_runner import ExitResult, ExitRunner, exit_decision  # noqa: F401
+from loopmoe.analysis.logit_lens import LensAccumulator
+from loopmoe.analysis.reports import jsonable, threshold_label, write_report  # noqa: F401  (jsonable: its old home)
+from loopmoe.model.core import entropy, token_ce
 
 # ---------------------------------------------------------------------------------------------------
 # Sweep, logit lens, timing
@@ -449,14 +154,6 @@ def project(plan_cfg, seq_len: int, rows: list[dict], mode: str) -> list[dict]:
 # Report
 
 
-def _thr(t) -> str:
-    if t is None:
-        return "none"
-    if t == math.inf:
-        return "inf"
-    return f"{t:.4g}"
-
-
 def markdown(result: dict) -> str:
     lines = []
     lens = result.get("logit_lens")
@@ -477,12 +174,12 @@ def markdown(result: dict) -> str:
                   + " | ppl | FLOPs saved ideal | FLOPs saved net | tokens/s | vs plain forward |",
                   "|---" * (len(names) + 6) + "|"]
         for r in sw["rows"]:
-            lines.append(f"| {_thr(r['threshold'])} | " + " | ".join(f"{100 * f:.1f}%" for f in r["exit_frac"])
+            lines.append(f"| {threshold_label(r['threshold'])} | " + " | ".join(f"{100 * f:.1f}%" for f in r["exit_frac"])
                          + f" | {r['ppl']:.2f} | {100 * r['ideal_saved']:.1f}% | {100 * r['net_saved']:.1f}% | "
                          f"{r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x |")
         if sw.get("projected"):
             lines += ["", f"Same exit fractions on {sw['projected_name']}'s FLOP shares: "
-                      + ", ".join(f"thr {_thr(p['threshold'])}: ideal {100 * p['ideal_saved']:.1f}% / net "
+                      + ", ".join(f"thr {threshold_label(p['threshold'])}: ideal {100 * p['ideal_saved']:.1f}% / net "
                                   f"{100 * p['net_saved']:.1f}%" for p in sw["projected"] if p["threshold"]
                                   not in (None,))]
         lines.append("")
@@ -554,27 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def jsonable(o):
-    """JSON-safe copy: inf/nan floats as strings, tuple keys as strings."""
-    if isinstance(o, dict):
-        return {str(k): jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v) for v in o]
-    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
-        return str(o)
-    return o
-
-
 def write(res: dict, out: str, prefix: str = "", title: str = "") -> list[str]:
     from loopmoe.analysis import plots
 
-    os.makedirs(out, exist_ok=True)
     slim = {k: v for k, v in res.items() if k != "logit_lens"}
     slim["logit_lens"] = {k: v for k, v in res["logit_lens"].items() if k != "jsd_values"}
-    with open(os.path.join(out, prefix + "early_exit.json"), "w") as f:
-        json.dump(jsonable(slim), f, indent=1)
-    with open(os.path.join(out, prefix + "early_exit.md"), "w") as f:
-        f.write(f"# Early exit: {title}\n\n" + markdown(res) + "\n")
+    write_report(out, prefix + "early_exit", slim, f"Early exit: {title}", markdown(res))
     pngs = [os.path.join(out, prefix + "early_exit.png"), os.path.join(out, prefix + "logit_lens.png")]
     plots.early_exit_figure(res, pngs[0], title)
     plots.logit_lens_figure(res, pngs[1], title)

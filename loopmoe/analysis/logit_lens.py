@@ -17,13 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from loopmoe.model.core import entropy, token_ce  # noqa: F401  (their home is the model core)
+
 LN2 = math.log(2.0)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] logits -> [...] entropy of softmax in nats (fp32)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def jsd(logits_p: torch.Tensor, logits_q: torch.Tensor, normalised: bool = True) -> torch.Tensor:
@@ -40,11 +36,6 @@ def jsd(logits_p: torch.Tensor, logits_q: torch.Tensor, normalised: bool = True)
     kl_qm = torch.where(q > 0, q * (lq - lm), torch.zeros_like(q)).sum(-1)
     out = (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
     return out / LN2 if normalised else out
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[b, s, V], [b, s] -> [b, s] cross-entropy (fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
 
 
 class LensAccumulator:

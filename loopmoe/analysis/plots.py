@@ -1,12 +1,12 @@
 """PNG figures of the analysis commands (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from loopmoe.analysis.reports import threshold_label  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -77,7 +77,7 @@ def early_exit_figure(res: dict, path: str, title: str = "") -> None:
         axes[1].plot([100 * r["ideal_saved"] for r in rows], [r["speedup"] for r in rows], "o-",
                      label=f"{m}: exit-enabled / plain forward")
         for r in rows:
-            axes[1].annotate(_lbl(r["threshold"]), (100 * r["ideal_saved"], r["speedup"]), fontsize=6,
+            axes[1].annotate(threshold_label(r["threshold"], ".2g"), (100 * r["ideal_saved"], r["speedup"]), fontsize=6,
                              textcoords="offset points", xytext=(2, 3))
         early = [100 * (1 - r["exit_frac"][-1]) for r in rows]
         axes[2].plot(early, [r["loss"] for r in rows], "o-", label=f"{m}: entropy threshold")
@@ -99,14 +99,6 @@ def early_exit_figure(res: dict, path: str, title: str = "") -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
-
-
-def _lbl(t) -> str:
-    if t is None:
-        return "none"
-    if t == math.inf:
-        return "inf"
-    return f"{t:.2g}"
 
 
 def logit_lens_figure(res: dict, path: str, title: str = "") -> None:

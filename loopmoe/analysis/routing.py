@@ -25,14 +25,13 @@ if __name__ == "__main__":  # a quiet start, before megatron-core or DeepSpeed i
     quiet_start()
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
 
 import torch
 
-from loopmoe.analysis import routing_metrics as rm
+from loopmoe.model import routing_metrics as rm
 
 
 @torch.no_grad()
@@ -170,13 +169,9 @@ def markdown(report: dict) -> str:
 
 def write(report: dict, out: str, prefix: str = "", title: str = "") -> list[str]:
     from loopmoe.analysis import plots
-    from loopmoe.analysis.early_exit import jsonable
+    from loopmoe.analysis.reports import write_report
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, prefix + "routing.json"), "w") as f:
-        json.dump(jsonable(report), f, indent=1)
-    with open(os.path.join(out, prefix + "routing.md"), "w") as f:
-        f.write(f"# Routing divergence: {title}\n\n" + markdown(report) + "\n")
+    write_report(out, prefix + "routing", report, f"Routing divergence: {title}", markdown(report))
     pngs = [os.path.join(out, prefix + "routing.png"), os.path.join(out, prefix + "routing_forced.png")]
     plots.routing_figure(report, pngs[0], title)
     plots.forced_figure(report, pngs[1])

@@ -22,6 +22,9 @@ and its Config). What is written (docs/export.md):
   from the sentencepiece model and checked to encode identically to it), and the original model as
   ``sentencepiece.model``. No BOS/EOS is added when encoding: the training data has none at document
   starts (data_tools/preprocess.py appends EOS after each document).
+
+Files: state_dict.py (parameter names both ways), tokenizer.py (the tokenizer), this file (the
+architecture decision, the export itself and its command line).
 """
 from __future__ import annotations
 
@@ -35,173 +38,32 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from typing import Any
 
 import torch
 
+from loopmoe.export.state_dict import (fuse_qkv, hf_to_training, split_qkv, training_to_hf,  # noqa: F401
+                                       unique_index, unique_name)
+from loopmoe.export.tokenizer import _TOKENIZER_PROBES, build_tokenizer, json_tokenizer, spm_special_ids  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE_FILES = ("configuration_loopmoe.py", "modeling_loopmoe.py")
+MODEL_DIR = os.path.join(os.path.dirname(HERE), "model")
+# remote-code files of an export -> their source: the shared maths and the execution order are the
+# training model's own files (modeling_loopmoe.py imports them relatively under these names)
+REMOTE_FILES = {"configuration_loopmoe.py": os.path.join(HERE, "configuration_loopmoe.py"),
+                "modeling_loopmoe.py": os.path.join(HERE, "modeling_loopmoe.py"),
+                "modeling_loopmoe_layers.py": os.path.join(HERE, "modeling_loopmoe_layers.py"),
+                "loopmoe_core.py": os.path.join(MODEL_DIR, "core.py"),
+                "loopmoe_schedule.py": os.path.join(MODEL_DIR, "schedule.py")}
 AUTO_MAP = {"AutoConfig": "configuration_loopmoe.LoopMoEConfig",
             "AutoModelForCausalLM": "modeling_loopmoe.LoopMoEForCausalLM"}
 EXPORT_META = "loopmoe_export.json"
 SPM_COPY = "sentencepiece.model"
 DEFAULT_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}  # data_tools/train_tokenizer.py defaults
-
-# ---------------------------------------------------------------------------------------------------
-# Parameter names. Training: docs/model.md "Parameter names". HF (remote code): modeling_loopmoe.py.
-
-# (training suffix inside a block, remote-code suffix inside model.layers.{u}); qkv is split separately.
-_BLOCK_MAP = [
-    ("attn_norm.weight", "input_layernorm.weight"),
-    ("attn.proj.weight", "self_attn.o_proj.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-    ("ffn.router.weight", "mlp.gate.weight"),
-    ("ffn.router.bias", "mlp.gate.e_score_correction_bias"),
-    ("ffn.experts.w1", "mlp.experts.gate_up_proj"),
-    ("ffn.experts.w2", "mlp.experts.down_proj"),
-    ("ffn.shared.w1.weight", "mlp.shared_expert.gate_proj.weight"),
-    ("ffn.shared.w3.weight", "mlp.shared_expert.up_proj.weight"),
-    ("ffn.shared.w2.weight", "mlp.shared_expert.down_proj.weight"),
-    ("ffn.w1.weight", "mlp.gate_proj.weight"),
-    ("ffn.w3.weight", "mlp.up_proj.weight"),
-    ("ffn.w2.weight", "mlp.down_proj.weight"),
-    ("adaln.token.weight", "adaln.token_proj.weight"),
-    ("adaln.mod.weight", "adaln.modulation.weight"),
-    ("adaln.mod.bias", "adaln.modulation.bias"),
-]
-_TOP_MAP = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
-            ("head.weight", "lm_head.weight"), ("iter_embed.fc1.weight", "model.iter_embed.fc1.weight"),
-            ("iter_embed.fc1.bias", "model.iter_embed.fc1.bias"), ("iter_embed.fc2.weight", "model.iter_embed.fc2.weight"),
-            ("iter_embed.fc2.bias", "model.iter_embed.fc2.bias")]
-_BLOCK_RE = re.compile(r"^(prelude|loop|coda)\.(\d+)\.(.+)$")
-
-
-def unique_index(mc, part: str, i: int) -> int:
-    """prelude.i / loop.i / coda.i -> position in model.layers (prelude, loop, coda order)."""
-    return {"prelude": 0, "loop": mc.n_prelude, "coda": mc.n_prelude + mc.n_loop}[part] + i
-
-
-def unique_name(mc, u: int) -> str:
-    if u < mc.n_prelude:
-        return f"prelude.{u}"
-    if u < mc.n_prelude + mc.n_loop:
-        return f"loop.{u - mc.n_prelude}"
-    return f"coda.{u - mc.n_prelude - mc.n_loop}"
-
-
-def split_qkv(w: torch.Tensor, mc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused qkv [(H + 2KV) hd, d], grouped by kv head ([q_1..q_{H/KV}, k, v] per group) -> q, k, v."""
-    qpk, hd, KV = mc.n_heads // mc.n_kv_heads, mc.head_dim, mc.n_kv_heads
-    g = w.reshape(KV, qpk + 2, hd, w.shape[-1])
-    return (g[:, :qpk].reshape(KV * qpk * hd, -1).clone(), g[:, qpk].reshape(KV * hd, -1).clone(),
-            g[:, qpk + 1].reshape(KV * hd, -1).clone())
-
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mc) -> torch.Tensor:
-    qpk, hd, KV = mc.n_heads // mc.n_kv_heads, mc.head_dim, mc.n_kv_heads
-    d = q.shape[-1]
-    return torch.cat([q.reshape(KV, qpk, hd, d), k.reshape(KV, 1, hd, d), v.reshape(KV, 1, hd, d)],
-                     dim=1).reshape(-1, d).clone()
-
-
-def _stock_block_map(arch: str) -> list[tuple[str, str, str]]:
-    """(training suffix, stock suffix, transform) for the FFN of a stock architecture; transform "T" =
-    transpose the last two dims (stacked experts: ours x @ W [E, d, 2h], theirs F.linear [E, 2h, d])."""
-    common = [(a, b, "") for a, b in _BLOCK_MAP if a.startswith(("attn", "ffn_norm"))]
-    if arch == "llama":
-        return common + [(a, b, "") for a, b in _BLOCK_MAP if a.startswith("ffn.w")]
-    if arch == "mixtral":
-        return common + [("ffn.router.weight", "mlp.gate.weight", ""),
-                         ("ffn.experts.w1", "mlp.experts.gate_up_proj", "T"),
-                         ("ffn.experts.w2", "mlp.experts.down_proj", "T")]
-    if arch == "granitemoeshared":
-        return common + [("ffn.router.weight", "block_sparse_moe.router.weight", ""),
-                         ("ffn.experts.w1", "block_sparse_moe.experts.gate_up_proj", "T"),
-                         ("ffn.experts.w2", "block_sparse_moe.experts.down_proj", "T"),
-                         ("ffn.shared.w2.weight", "shared_mlp.output_linear.weight", "")]
-    raise ValueError(arch)
-
-
-def training_to_hf(sd: dict[str, torch.Tensor], mc, arch: str = "loopmoe") -> dict[str, torch.Tensor]:
-    """Training state dict -> the HF model's state dict (remote ``loopmoe`` or a stock ``arch``)."""
-    out: dict[str, torch.Tensor] = {}
-    block_map = ([(a, b, "") for a, b in _BLOCK_MAP] if arch == "loopmoe" else _stock_block_map(arch))
-    for name, t in sd.items():
-        top = dict(_TOP_MAP).get(name)
-        if top is not None:
-            out[top] = t
-            continue
-        m = _BLOCK_RE.match(name)
-        if not m:
-            raise KeyError(f"unexpected training parameter {name!r}")
-        u = unique_index(mc, m.group(1), int(m.group(2)))
-        pre, rest = f"model.layers.{u}.", m.group(3)
-        if rest == "attn.qkv.weight":
-            q, k, v = split_qkv(t, mc)
-            out[pre + "self_attn.q_proj.weight"], out[pre + "self_attn.k_proj.weight"] = q, k
-            out[pre + "self_attn.v_proj.weight"] = v
-            continue
-        if arch == "granitemoeshared" and rest in ("ffn.shared.w1.weight", "ffn.shared.w3.weight"):
-            if rest.endswith("w1.weight"):  # input_linear = [gate; up]
-                out[pre + "shared_mlp.input_linear.weight"] = torch.cat(
-                    [t, sd[f"{m.group(1)}.{m.group(2)}.ffn.shared.w3.weight"]], dim=0)
-            continue
-        if arch != "loopmoe" and rest == "ffn.router.bias":
-            if bool(t.ne(0).any()):
-                raise ValueError(f"{name} is non-zero: a stock architecture cannot apply the selection bias")
-            continue
-        for a, b, how in block_map:
-            if rest == a:
-                out[pre + b] = t.transpose(-1, -2).contiguous() if how == "T" else t
-                break
-        else:
-            raise KeyError(f"no {arch} mapping for training parameter {name!r}")
-    return out
-
-
-def hf_to_training(hsd: dict[str, torch.Tensor], mc, arch: str = "loopmoe") -> dict[str, torch.Tensor]:
-    """Inverse of ``training_to_hf`` (the router bias is zero for stock architectures)."""
-    out: dict[str, torch.Tensor] = {}
-    inv_top = {b: a for a, b in _TOP_MAP}
-    block_map = ([(a, b, "") for a, b in _BLOCK_MAP] if arch == "loopmoe" else _stock_block_map(arch))
-    inv_block = {b: (a, how) for a, b, how in block_map}
-    layer_re = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-    qkv: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in hsd.items():
-        if name in inv_top:
-            out[inv_top[name]] = t
-            continue
-        m = layer_re.match(name)
-        if not m:
-            raise KeyError(f"unexpected {arch} parameter {name!r}")
-        u, rest = int(m.group(1)), m.group(2)
-        pre = unique_name(mc, u) + "."
-        pm = re.match(r"self_attn\.([qkv])_proj\.weight$", rest)
-        if pm:
-            qkv.setdefault(u, {})[pm.group(1)] = t
-            continue
-        if rest == "shared_mlp.input_linear.weight":
-            gate, up = t.chunk(2, dim=0)
-            out[pre + "ffn.shared.w1.weight"], out[pre + "ffn.shared.w3.weight"] = gate.clone(), up.clone()
-            continue
-        if rest not in inv_block:
-            raise KeyError(f"no mapping back for {arch} parameter {name!r}")
-        a, how = inv_block[rest]
-        out[pre + a] = t.transpose(-1, -2).contiguous() if how == "T" else t
-    for u, parts in qkv.items():
-        out[unique_name(mc, u) + ".attn.qkv.weight"] = fuse_qkv(parts["q"], parts["k"], parts["v"], mc)
-    if arch in ("mixtral", "granitemoeshared"):
-        for u in range(mc.n_unique_layers):
-            out[f"{unique_name(mc, u)}.ffn.router.bias"] = torch.zeros(mc.n_experts)
-    if mc.tie_embeddings and "head.weight" not in out:
-        out["head.weight"] = out["embed.weight"]
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------
 # Configs and the architecture decision
@@ -339,102 +201,6 @@ def build_hf_model(model, mc, ids: dict[str, int | None], arch: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tokenizer
-
-_TOKENIZER_PROBES = [
-    "", " ", "  ", "    ", "\n", "\t", "Hello world", " leading space", "  two leading", "trailing  ",
-    "a  b   c    d", "def f(x):\n    return x  + 12345\n", "if x:\n\tpass\n        y = 2\n", "0.5e-10 1,234,567",
-    "ünïcödé 日本語 한국어 🚀 \u200b", "x=[1,2,3];y={'a': None}", "The Python standard library's `os.path`.",
-    "Question: What is 2 + 2?\nAnswer: 4", "   \n   \n", "▁literal metaspace▁▁", "<<>> </ >",
-]
-
-
-def spm_special_ids(spm_path: str) -> dict[str, int | None]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=spm_path)
-    get = lambda i: i if i >= 0 else None  # noqa: E731
-    return {"unk": get(sp.unk_id()), "bos": get(sp.bos_id()), "eos": get(sp.eos_id()), "pad": get(sp.pad_id())}
-
-
-def json_tokenizer(text_tok, model_max_length: int = 4096):
-    """A ``PreTrainedTokenizerFast`` over a tokenizer.json, its eos (the training EOD), bos, pad, unk named."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = text_tok.hf._tok
-    name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
-    return PreTrainedTokenizerFast(tokenizer_file=text_tok.path, eos_token=name(text_tok.eos_id),
-                                   bos_token=name(text_tok.bos_id), pad_token=name(text_tok.pad_id),
-                                   unk_token=name(text_tok.unk_id), model_max_length=model_max_length)
-
-
-def build_tokenizer(spm_path: str, model_max_length: int = 4096):
-    """A ``PreTrainedTokenizerFast`` (tokenizers BPE) encoding exactly like the sentencepiece BPE model.
-
-    sentencepiece (our train_tokenizer.py settings): optional precompiled normaliser, a dummy "▁" prefix,
-    spaces -> "▁", words split before a "▁" that follows a non-space (runs of spaces stay one word with
-    the next word when ``allow_whitespace_only_pieces``), BPE by piece score, bytes for unknown
-    characters. Checked against sentencepiece on probe strings; raises if any differs."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    proto = pb.ModelProto()
-    with open(spm_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    ts, ns = proto.trainer_spec, proto.normalizer_spec
-    if ts.model_type != pb.TrainerSpec.BPE:
-        raise ValueError(f"{spm_path}: only sentencepiece BPE models are converted (this one is "
-                         f"{pb.TrainerSpec.ModelType.Name(ts.model_type)})")
-    if ts.treat_whitespace_as_suffix or not ts.split_by_whitespace:
-        raise ValueError(f"{spm_path}: treat_whitespace_as_suffix / split_by_whitespace=false are not supported")
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    normal = {p.piece: p.score for p in proto.pieces if p.type in (pb.ModelProto.SentencePiece.NORMAL,
-                                                                   pb.ModelProto.SentencePiece.USER_DEFINED)}
-    merges = []
-    for piece, score in normal.items():  # every split of a piece into two pieces is a merge, ranked by score
-        for i in range(1, len(piece)):
-            left, right = piece[:i], piece[i:]
-            if left in normal and right in normal:
-                merges.append((score, vocab[piece], vocab[left], vocab[right], left, right))
-    merges.sort(key=lambda m: (-m[0], m[1], m[2], m[3]))
-    unk = proto.pieces[ts.unk_id].piece
-    tok = Tokenizer(BPE(vocab=vocab, merges=[(m[4], m[5]) for m in merges], unk_token=unk, fuse_unk=True,
-                        byte_fallback=ts.byte_fallback))
-    norms = []
-    if ns.precompiled_charsmap:
-        norms.append(normalizers.Precompiled(ns.precompiled_charsmap))
-    if ns.remove_extra_whitespaces:
-        norms += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if ns.add_dummy_prefix:
-        norms.append(normalizers.Prepend("▁"))
-    norms.append(normalizers.Replace(" ", "▁"))
-    tok.normalizer = normalizers.Sequence(norms)
-    word = "▁*[^▁]+|▁+" if ts.allow_whitespace_only_pieces else "▁[^▁]*|[^▁]+"
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(word), behavior="isolated")
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if ns.add_dummy_prefix:
-        dec.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(dec)
-
-    ids = spm_special_ids(spm_path)
-    piece = lambda i: proto.pieces[i].piece if i is not None else None  # noqa: E731
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=piece(ids["unk"]), bos_token=piece(ids["bos"]),
-        eos_token=piece(ids["eos"]), pad_token=piece(ids["pad"]), padding_side="left",
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
-    sp = spm.SentencePieceProcessor(model_file=spm_path)
-    for s in _TOKENIZER_PROBES:
-        a, b = sp.encode(s), hf_tok.encode(s, add_special_tokens=False)
-        if a != b:
-            raise RuntimeError(f"tokenizer conversion of {spm_path} differs from sentencepiece on {s!r}: "
-                               f"{a} vs {b}; report this (the export is not written with a wrong tokenizer)")
-    return hf_tok
-
-
-# ---------------------------------------------------------------------------------------------------
 # Export
 
 
@@ -481,8 +247,8 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
             os.remove(os.path.join(out, stale))
     hf.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     if chosen == "loopmoe":
-        for name in REMOTE_FILES:
-            shutil.copyfile(os.path.join(HERE, name), os.path.join(out, name))
+        for name, src in REMOTE_FILES.items():
+            shutil.copyfile(src, os.path.join(out, name))
         with open(os.path.join(out, "config.json")) as f:  # auto_map must be there (some versions drop it)
             conf = json.load(f)
         if conf.get("auto_map") != AUTO_MAP:

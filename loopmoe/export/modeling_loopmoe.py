@@ -1,7 +1,10 @@
 """Hugging Face model of an exported LoopMoE checkpoint (``AutoModelForCausalLM`` + ``trust_remote_code``).
 
-Self-contained: imports only torch and transformers (never the ``loopmoe`` training package). It
-computes exactly what the training model (loopmoe/model, docs/model.md) computes:
+Self-contained: imports only torch, transformers and the files exported beside it (never the ``loopmoe``
+training package): ``modeling_loopmoe_layers.py`` (the layers), ``loopmoe_core.py`` (the shared maths,
+a copy of loopmoe/model/core.py) and ``loopmoe_schedule.py`` (the execution order, a copy of
+loopmoe/model/schedule.py). So it computes
+exactly what the training model (loopmoe/model, docs/model.md) computes, with the same lines:
 
     embed -> prelude (P unique layers) -> loop (K shared layers, R iterations, IterAdaLN) -> coda (C)
           -> RMSNorm -> lm_head
@@ -34,17 +37,19 @@ Early exit (docs/export.md):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_loopmoe import LoopMoEConfig
+from .loopmoe_core import entropy, masked_ce
+from .loopmoe_schedule import LoopSchedule
+from .modeling_loopmoe_layers import (CacheSlot, LoopMoEBlock, LoopMoEExperts, LoopMoEIterAdaLN,
+                                      LoopMoEIterEmbed, LoopMoERMSNorm, LoopMoERouter, cache_length, rope_cos_sin)
 
 # transformers 5.x renamed the output's ``past_key_values`` to ``cache``; support both.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -58,269 +63,6 @@ class LoopMoECausalLMOutput(CausalLMOutputWithPast):
 
     exit_logits: tuple[torch.Tensor, ...] | None = None
     exit_iterations: torch.LongTensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Layers
-
-
-class LoopMoERMSNorm(nn.Module):
-    """torch's RMSNorm (F.rms_norm, as the training model's nn.RMSNorm); ``affine=False``: no weight."""
-
-    def __init__(self, d: int, eps: float, affine: bool = True):
-        super().__init__()
-        self.eps, self.d = eps, d
-        self.weight = nn.Parameter(torch.ones(d)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.d,), self.weight, self.eps)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids [b, s] -> cos, sin [b, s, hd] fp32 (rotate-half convention; training's rope_cache)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-                               / head_dim)
-    angles = position_ids[..., None].float() * inv_freq  # [b, s, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, heads, s, hd]; cos/sin [b, s, hd]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotated * sin
-
-
-class _Slot:
-    """How one attention call uses the KV cache entry ``idx``: ``commit`` appends the new K/V (the
-    normal case); otherwise the past K/V are read and the new ones only remembered in ``self.new``."""
-
-    def __init__(self, cache: Cache | None, idx: int, commit: bool = True):
-        self.cache, self.idx, self.commit, self.new = cache, idx, commit, None
-
-    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.new = (k, v)
-        if self.cache is None:
-            return k, v
-        if self.commit:
-            return self.cache.update(k, v, self.idx)
-        past = _cached_kv(self.cache, self.idx)
-        if past is None:
-            return k, v
-        return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-
-
-def _cached_kv(cache: Cache, idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The K/V stored for entry ``idx`` (None when empty), for transformers 4.5x and 5.x caches."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        if idx >= len(layers):
-            return None
-        layer = layers[idx]
-        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
-            return None
-        return layer.keys, layer.values
-    keys = getattr(cache, "key_cache", [])
-    if idx >= len(keys) or keys[idx] is None or keys[idx].numel() == 0:
-        return None
-    return keys[idx], cache.value_cache[idx]
-
-
-def _cache_length(cache: Cache | None) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
-class LoopMoEAttention(nn.Module):
-    """GQA: query head h reads kv head h // (H / KV) (the training model's grouped qkv layout, split)."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        d, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.H, self.KV, self.hd = H, KV, hd
-        self.q_proj = nn.Linear(d, H * hd, bias=False)
-        self.k_proj = nn.Linear(d, KV * hd, bias=False)
-        self.v_proj = nn.Linear(d, KV * hd, bias=False)
-        self.o_proj = nn.Linear(H * hd, d, bias=False)
-
-    def kv(self, x, cos, sin):  # x [b, s, d] -> k, v [b, KV, s, hd] (k rotated)
-        b, s, _ = x.shape
-        k = self.k_proj(x).view(b, s, self.KV, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.KV, self.hd).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
-
-    def forward(self, x, cos, sin, mask, slot: _Slot | None):
-        b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.H, self.hd).transpose(1, 2), cos, sin)
-        k, v = self.kv(x, cos, sin)
-        if slot is not None:
-            k, v = slot(k, v)  # [b, KV, past + s, hd]
-        causal = mask is None and s > 1 and k.shape[2] == s
-        if mask is None and s > 1 and k.shape[2] != s:  # several new tokens after a cached past
-            past = k.shape[2] - s
-            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           scale=1.0 / math.sqrt(self.hd), enable_gqa=True)  # [b, H, s, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
-
-
-class LoopMoEMLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x). The dense FFN and the (ungated) shared experts."""
-
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class LoopMoERouter(nn.Module):
-    """fp32 logits; selection = top-k of logits + e_score_correction_bias (the aux-free balancing bias,
-    selection only); gates = softmax over the k selected logits, or (softmax_then_topk) softmax over all
-    E taken at the selected experts, not renormalised."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.k, self.score = cfg.num_experts_per_tok, cfg.router_score
-        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
-
-    def forward(self, x):  # x [T, d] -> topk [T, k], gates [T, k] fp32
-        logits = F.linear(x.float(), self.weight.float())
-        topk = (logits + self.e_score_correction_bias.float()).topk(self.k, dim=-1).indices
-        if self.score == "topk_then_softmax":
-            gates = logits.gather(1, topk).softmax(dim=-1)
-        else:
-            gates = logits.softmax(dim=-1).gather(1, topk)
-        return topk, gates
-
-
-class LoopMoEExperts(nn.Module):
-    """Stacked SwiGLU experts, training layout: gate_up_proj [E, d, 2h] (gate | up), down_proj [E, h, d]."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        E, d, h = cfg.n_experts, cfg.hidden_size, cfg.expert_hidden
-        self.n = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, d, 2 * h))
-        self.down_proj = nn.Parameter(torch.empty(E, h, d))
-
-    def forward(self, x, topk, gates):  # x [T, d] -> [T, d]; dropless index dispatch as in training
-        T, k = topk.shape
-        flat = topk.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n).tolist()
-        token = order // k
-        outs = []
-        for e, xe in enumerate(x[token].split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            g, u = (xe @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append((F.silu(g) * u) @ self.down_proj[e])
-        ys = torch.cat(outs) if outs else x[token]
-        w = gates.reshape(-1)[order].unsqueeze(1)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys.float() * w).to(x.dtype)
-
-
-class LoopMoESparseMoE(nn.Module):
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.gate = LoopMoERouter(cfg)
-        self.experts = LoopMoEExperts(cfg)
-        h_shared = cfg.n_shared_experts * cfg.expert_hidden
-        self.shared_expert = LoopMoEMLP(cfg.hidden_size, h_shared) if h_shared else None
-
-    def forward(self, x):
-        b, s, d = x.shape
-        xf = x.reshape(b * s, d)
-        topk, gates = self.gate(xf)
-        y = self.experts(xf, topk, gates).view(b, s, d)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
-        return y
-
-
-def sinusoid(k: int, dim: int, max_period: float = 10000.0, device=None) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
-    angles = k * freqs
-    return torch.cat([torch.cos(angles), torch.sin(angles)])
-
-
-class LoopMoEIterEmbed(nn.Module):
-    """e_k = fc2(silu(fc1(sinusoid(k)))) in R^r, shared by all loop layers."""
-
-    def __init__(self, rank: int):
-        super().__init__()
-        self.freq_dim = 2 * ((rank + 1) // 2)
-        self.fc1 = nn.Linear(self.freq_dim, rank)
-        self.fc2 = nn.Linear(rank, rank)
-
-    def forward(self, k: int) -> torch.Tensor:
-        e = sinusoid(k, self.freq_dim, device=self.fc1.weight.device).to(self.fc1.weight.dtype)
-        return self.fc2(F.silu(self.fc1(e)))
-
-
-class LoopMoEIterAdaLN(nn.Module):
-    """[shift_a, scale_a, gate_a, shift_f, scale_f, gate_f] = modulation(SiLU(e_k + token_proj(RMSNorm(x))))."""
-
-    def __init__(self, cfg: LoopMoEConfig):
-        super().__init__()
-        self.mode, self.gate_mode = cfg.adaln, cfg.adaln_gate
-        if self.mode in ("both", "token"):
-            self.norm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps, affine=False)
-            self.token_proj = nn.Linear(cfg.hidden_size, cfg.adaln_rank, bias=False)
-        self.modulation = nn.Linear(cfg.adaln_rank, 6 * cfg.hidden_size)
-
-    def forward(self, x, e_k):
-        if self.mode == "iter":
-            u = F.silu(e_k)
-        elif self.mode == "token":
-            u = F.silu(self.token_proj(self.norm(x)))
-        else:
-            u = F.silu(e_k + self.token_proj(self.norm(x)))
-        return list(self.modulation(u).chunk(6, dim=-1))
-
-    def gate(self, g):
-        return 1 + g if self.gate_mode == "one_plus" else g
-
-
-def modulate(x_normed, shift, scale):
-    return x_normed * (1 + scale) + shift
-
-
-class LoopMoEBlock(nn.Module):
-    def __init__(self, cfg: LoopMoEConfig, adaln: bool):
-        super().__init__()
-        self.input_layernorm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LoopMoEAttention(cfg)
-        self.post_attention_layernorm = LoopMoERMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (LoopMoESparseMoE(cfg) if cfg.ffn == "moe"
-                    else LoopMoEMLP(cfg.hidden_size, cfg.dense_hidden))
-        self.adaln = LoopMoEIterAdaLN(cfg) if adaln else None
-
-    def forward(self, x, cos, sin, mask, slot, e_k=None):
-        if self.adaln is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(x, e_k)
-        x = x + self.adaln.gate(gate_a) * self.self_attn(
-            modulate(self.input_layernorm(x), shift_a, scale_a), cos, sin, mask, slot)
-        y = self.mlp(modulate(self.post_attention_layernorm(x), shift_f, scale_f))
-        return x + self.adaln.gate(gate_f) * y
-
-    def propagate_kv(self, x, cos, sin, slot, e_k=None):
-        """State propagation: append the K/V this layer computes from input x (nothing else runs)."""
-        h = self.input_layernorm(x)
-        if self.adaln is not None:
-            shift_a, scale_a, *_ = self.adaln(x, e_k)
-            h = modulate(h, shift_a, scale_a)
-        slot(*self.self_attn.kv(h, cos, sin))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,13 +140,9 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    # -- executed-layer (cache) indices ---------------------------------------------------------------
-    def _loop_idx(self, it: int, j: int) -> int:
-        return self.config.n_prelude + it * self.config.n_loop + j
-
-    def _coda_idx(self, c: int) -> int:
-        cfg = self.config
-        return cfg.n_prelude + cfg.n_iters * cfg.n_loop + c
+    @property
+    def schedule(self) -> LoopSchedule:
+        return LoopSchedule.from_config(self.config)
 
     def forward(
         self,
@@ -446,7 +184,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
 
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = h.shape
-        past = _cache_length(cache)
+        past = cache_length(cache)
         if attention_mask is not None and attention_mask.shape[1] == s and past:
             attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
         if position_ids is None:
@@ -471,47 +209,48 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            targets = labels[:, 1:].to(logits.device)  # -100 = ignore
+            loss = masked_ce(logits[:, :-1], targets.clamp(min=0), targets != -100)
         out = LoopMoECausalLMOutput(loss=loss, logits=logits, exit_logits=exit_logits, exit_iterations=exit_iters,
                                     **{_CACHE_FIELD: cache})
         return out.to_tuple() if return_dict is False else out
 
-    # -- the standard pass (also fixed early exit) ----------------------------------------------------
+    # -- the standard pass (also fixed early exit)
     def _parallel_forward(self, h, cos, sin, mask, cache, n_iters, want_exits):
-        cfg, layers = self.config, self.model.layers
-        P, K, R = cfg.n_prelude, cfg.n_loop, cfg.n_iters
-        for u in range(P):
-            h = layers[u](h, cos, sin, mask, _Slot(cache, u))
-        x0 = h
+        sched, layers = self.schedule, self.model.layers
+
+        def run_layer(st, h, e_k):  # every executed layer of the trunk
+            return layers[st.layer](h, cos, sin, mask, CacheSlot(cache, st.executed), e_k)
+
         exits = []
-        for it in range(n_iters):
-            if it > 0 and cfg.input_reinjection:
-                h = h + x0
-            e_k = self._e(it)
-            for j in range(K):
-                h = layers[P + j](h, cos, sin, mask, _Slot(cache, self._loop_idx(it, j)), e_k)
-            if want_exits and it < n_iters - 1:
-                exits.append(self._readout(h, cos, sin, mask, None, commit=True)[0])
+        read_exit = (lambda it, h: exits.append(self._readout(h, cos, sin, mask, None, commit=True)[0])
+                     if want_exits else None)
+        h = sched.prelude(h, run_layer)
+        h = sched.loop(h, run_layer, self.model.iter_embed, n_iters, read_exit)
         if cache is not None:  # iterations skipped by a fixed exit: state propagation from h
-            for it in range(n_iters, R):
-                e_k = self._e(it)
-                for j in range(K):
-                    layers[P + j].propagate_kv(h, cos, sin, _Slot(cache, self._loop_idx(it, j)), e_k)
+            self._propagate(h, cos, sin, cache, range(n_iters, sched.R))
         logits, _ = self._readout(h, cos, sin, mask, cache, commit=True)
         return logits, exits
+
+    def _propagate(self, h_exit, cos, sin, cache, iterations):
+        """Fill the loop layers' cache entries of ``iterations`` with the K/V computed from ``h_exit``."""
+        for it in iterations:
+            e_k = self._e(it)
+            for st in self.schedule.loop_steps(it):
+                self.model.layers[st.layer].propagate_kv(h_exit, cos, sin, CacheSlot(cache, st.executed), e_k)
 
     def _e(self, it: int):
         return self.model.iter_embed(it) if self.model.iter_embed is not None else None
 
     def _readout(self, h, cos, sin, mask, cache, commit: bool):
         """coda + norm + head; returns (logits, the coda layers' slots)."""
-        cfg, layers = self.config, self.model.layers
-        slots = []
-        for c in range(cfg.n_coda):
-            slot = _Slot(cache, self._coda_idx(c), commit)
-            h = layers[cfg.n_prelude + cfg.n_loop + c](h, cos, sin, mask, slot)
-            slots.append(slot)
+        layers, slots = self.model.layers, []
+
+        def run_layer(st, h, e_k):
+            slots.append(CacheSlot(cache, st.executed, commit))
+            return layers[st.layer](h, cos, sin, mask, slots[-1], e_k)
+
+        h = self.schedule.coda(h, run_layer)
         return self.lm_head(self.model.norm(h)), slots
 
     # -- per-token entropy exit -----------------------------------------------------------------------
@@ -531,58 +270,55 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         return torch.cat(logits, dim=1), torch.stack(iters, dim=1)
 
     def _entropy_step(self, h, cos, sin, mask, cache, n_max, threshold):
-        cfg, layers = self.config, self.model.layers
-        P, K, C, R = cfg.n_prelude, cfg.n_loop, cfg.n_coda, cfg.n_iters
+        sched, layers = self.schedule, self.model.layers
         b = h.shape[0]
-        for u in range(P):
-            h = layers[u](h, cos, sin, mask, _Slot(cache, u))
-        x0 = h
-        active = torch.ones(b, dtype=torch.bool, device=h.device)
-        h_exit = h
+        state = {"active": torch.ones(b, dtype=torch.bool, device=h.device), "logits": None}
+        h_exit = [h]  # exited rows: their exit state (state propagation)
         iters = torch.full((b,), n_max, dtype=torch.long, device=h.device)
-        out_logits, coda_kv = None, [None] * C
+        coda_kv = [None] * sched.C
 
         def keep(sel, new, old):  # rows in sel take new
             if old is None:
                 return new
             return torch.where(sel.view(-1, *([1] * (new.dim() - 1))), new, old)
 
-        for it in range(n_max):
-            e_k = self._e(it)
+        def prelude_layer(st, h, e_k):
+            return layers[st.layer](h, cos, sin, mask, CacheSlot(cache, st.executed), e_k)
+
+        def loop_layer(st, h, e_k):
+            active, slot = state["active"], CacheSlot(cache, st.executed)
             if not bool(active.any()):  # everyone exited: only propagate K/V from h_exit
-                for j in range(K):
-                    layers[P + j].propagate_kv(h_exit, cos, sin, _Slot(cache, self._loop_idx(it, j)), e_k)
-                continue
-            if it > 0 and cfg.input_reinjection:
-                h = h + x0
-            for j in range(K):
-                x_in = keep(active, h, h_exit)  # exited rows: their exit state (state propagation)
-                y = layers[P + j](x_in, cos, sin, mask, _Slot(cache, self._loop_idx(it, j)), e_k)
-                h = keep(active, y, h_exit)
+                layers[st.layer].propagate_kv(h_exit[0], cos, sin, slot, e_k)
+                return h
+            y = layers[st.layer](keep(active, h, h_exit[0]), cos, sin, mask, slot, e_k)
+            return keep(active, y, h_exit[0])
+
+        def decide(it, h):  # read out after iteration it; the running tokens below the threshold exit
+            nonlocal iters
+            active = state["active"]
+            if not bool(active.any()):
+                return
             lg, slots = self._readout(h, cos, sin, mask, cache, commit=False)
-            if it < n_max - 1:
-                lp = lg[:, -1].float().log_softmax(dim=-1)
-                entropy = -(lp.exp() * lp).sum(dim=-1)  # [b], nats
-                now = active & (entropy < threshold)
-            else:
-                now = active
-            out_logits = keep(now, lg, out_logits)
-            for c in range(C):
+            now = active & (entropy(lg[:, -1]) < threshold) if it < n_max - 1 else active  # entropy [b], nats
+            state["logits"] = keep(now, lg, state["logits"])
+            for c in range(sched.C):
                 k_new, v_new = slots[c].new
                 coda_kv[c] = (keep(now, k_new, coda_kv[c][0] if coda_kv[c] else None),
                               keep(now, v_new, coda_kv[c][1] if coda_kv[c] else None))
             iters = torch.where(now, torch.full_like(iters, it + 1), iters)
-            h_exit = keep(now, h, h_exit)
-            active = active & ~now
-        for it in range(n_max, R):  # iterations beyond a fixed exit_after
-            e_k = self._e(it)
-            for j in range(K):
-                layers[P + j].propagate_kv(h_exit, cos, sin, _Slot(cache, self._loop_idx(it, j)), e_k)
-        for c in range(C):
-            cache.update(coda_kv[c][0], coda_kv[c][1], self._coda_idx(c))
-        if C == 0 and out_logits is None:  # pragma: no cover - n_max >= 1 always sets it
+            h_exit[0] = keep(now, h, h_exit[0])
+            state["active"] = active & ~now
+
+        h = sched.prelude(h, prelude_layer)
+        h_exit[0] = h
+        h = sched.loop(h, loop_layer, self._e, n_max, decide)
+        decide(n_max - 1, h)  # the last iteration run: every token still running exits here
+        self._propagate(h_exit[0], cos, sin, cache, range(n_max, sched.R))  # beyond a fixed exit_after
+        for c, st in enumerate(sched.coda_steps()):
+            cache.update(coda_kv[c][0], coda_kv[c][1], st.executed)
+        if state["logits"] is None:  # pragma: no cover - n_max >= 1 always sets it
             raise RuntimeError("no read-out")
-        return out_logits, iters
+        return state["logits"], iters
 
 
 def _attention_mask(attention_mask, b, s, past, device):

@@ -27,10 +27,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import torch
-import yaml
 
 from loopmoe.export.hf import EXPORT_META, HF_TO_MODEL_FIELDS, hf_to_training
 
@@ -39,19 +37,14 @@ STOCK = ("llama", "mixtral", "granitemoeshared")
 
 def _training_config(hf_dir: str):
     """The Config saved at export time (or defaults), to be overridden by the HF config's architecture."""
-    from loopmoe.config import load_config
+    from loopmoe.config import Config
 
     meta_path = os.path.join(hf_dir, EXPORT_META)
     if not os.path.exists(meta_path):
-        return load_config(None), None
+        return Config.from_dict({}), None
     with open(meta_path) as f:
         meta = json.load(f)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(meta["training_config"], f, sort_keys=False)
-    try:
-        return load_config(f.name), meta
-    finally:
-        os.remove(f.name)
+    return Config.from_dict(meta["training_config"], f"{meta_path}: training_config"), meta
 
 
 def model_config_from_hf(config, mc):

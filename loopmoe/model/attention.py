@@ -14,23 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model import core
 from loopmoe.model.recompute import checkpointed
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [seq_len, head_dim] (rotate-half convention, as in LLaMA / HF)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd/2]
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [s, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
-    return angles.cos(), angles.sin()
+    return core.rope_angles(torch.arange(seq_len), head_dim, theta)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, s, h, hd]; cos/sin [s, hd] -> rotated x [b, s, h, hd]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [s, 1, hd]
-    return x * cos + rotated * sin
+    return core.rotate(x, cos[:, None, :], sin[:, None, :])  # cos/sin [s, 1, hd]
 
 
 class Attention(nn.Module):
@@ -50,9 +45,8 @@ class Attention(nn.Module):
                 kv: "LayerKV | None" = None, recompute_core: bool = False) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, n_kv_local * (q_per_kv + 2) * hd]  (full s under sequence parallel)
         b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.n_kv_local, self.q_per_kv + 2, self.head_dim)
-        q = qkv[:, :, :, :-2].reshape(b, s, -1, self.head_dim)  # [b, s, H_local, hd]
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [b, s, KV_local, hd]
+        q, k, v = core.split_qkv(qkv, self.n_kv_local, self.q_per_kv, self.head_dim)  # q [b, s, H_local, hd],
+        # k, v [b, s, KV_local, hd]
         past = kv.length if kv is not None else 0  # positions already in the cache
         cos, sin = cos[past:past + s], sin[past:past + s]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

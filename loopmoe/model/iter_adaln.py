@@ -20,19 +20,11 @@ the loop contributes nothing until the gates grow.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def sinusoid(k: int, dim: int, max_period: float = 10000.0, device=None) -> torch.Tensor:
-    """Fixed sinusoidal encoding of the iteration index k -> [dim] (dim even; DiT's timestep form)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
-    angles = k * freqs
-    return torch.cat([torch.cos(angles), torch.sin(angles)])
+from loopmoe.model import core
+from loopmoe.model.core import modulate, sinusoid  # noqa: F401  (their home is core)
 
 
 def _unit_init(lin: nn.Linear) -> None:
@@ -56,8 +48,7 @@ class IterEmbed(nn.Module):
         _unit_init(self.fc2)
 
     def forward(self, k: int) -> torch.Tensor:
-        e = sinusoid(k, self.freq_dim, device=self.fc1.weight.device).to(self.fc1.weight.dtype)
-        return self.fc2(F.silu(self.fc1(e)))  # [r]
+        return core.iter_embedding(k, self.fc1, self.fc2)  # [r]
 
 
 class IterAdaLN(nn.Module):
@@ -81,17 +72,9 @@ class IterAdaLN(nn.Module):
     def forward(self, x: torch.Tensor, e_k: torch.Tensor | None) -> list[torch.Tensor]:
         """x [b, s, d], e_k [r] or None -> [shift_a, scale_a, gate_a, shift_f, scale_f, gate_f], each
         [b, s, d] (or [d] in "iter" mode, broadcast over tokens)."""
-        if self.mode == "iter":
-            u = F.silu(e_k)  # [r]
-        elif self.mode == "token":
-            u = F.silu(self.token(self.norm(x)))  # [b, s, r]
-        else:
-            u = F.silu(e_k + self.token(self.norm(x)))  # [b, s, r]
-        return list(self.mod(u).chunk(6, dim=-1))
+        return core.adaln_modulation(x, e_k, self.mode, getattr(self, "norm", None),
+                                     getattr(self, "token", None), self.mod)
 
     def gate(self, g: torch.Tensor) -> torch.Tensor:
-        return 1 + g if self.gate_mode == "one_plus" else g
+        return core.adaln_gate(g, self.gate_mode)
 
-
-def modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x_normed * (1 + scale) + shift

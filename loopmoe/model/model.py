@@ -14,14 +14,15 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model import core
 from loopmoe.model.attention import Attention, KVCache, rope_cache
-from loopmoe.model.iter_adaln import IterAdaLN, IterEmbed, modulate
+from loopmoe.model.iter_adaln import IterAdaLN, IterEmbed
 from loopmoe.model.layers import Linears
 from loopmoe.model.moe import MoE, SwiGLU
 from loopmoe.model.recompute import MODES, checkpointed
+from loopmoe.model.schedule import LoopSchedule, Step
 
 
 @dataclass
@@ -65,17 +66,21 @@ class Block(nn.Module):
         if recompute == "full":  # this executed layer keeps only its input; recomputed in backward
             return checkpointed(self.forward, x, rope, e_k, forced_topk, kv)
         sel = recompute == "selective"  # recompute the FFN and the attention core
-        if self.adaln is None:
-            x = x + self.attn(self.attn_norm(x), *rope, kv, recompute_core=sel)
-            y, routing = self._ffn(self.ffn_norm(x), forced_topk, sel)
-            return x + y, routing
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaln(x, e_k)  # 6 x [b, s, d]
-        x = x + self.adaln.gate(gate_a) * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), *rope, kv,
-                                                    recompute_core=sel)
-        y, routing = self._ffn(modulate(self.ffn_norm(x), shift_f, scale_f), forced_topk, sel)  # router sees this
-        return x + self.adaln.gate(gate_f) * y, routing
+        a_in, mods = self.attention_input(x, e_k)
+        return self.finish(x, self.attn(a_in, *rope, kv, recompute_core=sel), mods, forced_topk, sel)
 
-    def _ffn(self, x, forced_topk, recompute=False):
+    # The two halves of forward, public for analysis (early_exit runs the attention on a token subset).
+    def attention_input(self, x, e_k=None):
+        """x [b, s, d] -> (attention input [b, s, d], IterAdaLN modulation: 6 tensors, or None)."""
+        return core.attention_input(x, self.attn_norm, self.adaln, e_k)
+
+    def finish(self, x, attn_out, mods, forced_topk=None, recompute=False):
+        """Attention residual, then the FFN half: -> (x [b, s, d], Routing | None)."""
+        return core.block_rest(x, attn_out, lambda f: self.ffn_out(f, forced_topk, recompute), self.ffn_norm,
+                               self.adaln, mods)
+
+    def ffn_out(self, x, forced_topk=None, recompute=False):
+        """The FFN (MoE or dense) on its normed input: -> (y, Routing | None); ``recompute``: selective."""
         if isinstance(self.ffn, MoE):
             return checkpointed(self.ffn, x, forced_topk) if recompute else self.ffn(x, forced_topk)
         return (checkpointed(self.ffn, x) if recompute else self.ffn(x)), None
@@ -108,7 +113,8 @@ class LoopMoEModel(nn.Module):
         cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.n_iters = cfg.loop_iters if cfg.n_loop else 1  # R (1 when there is no loop)
+        self.schedule = LoopSchedule.from_config(cfg)  # the execution order (schedule.py)
+        self.n_iters = self.schedule.R  # R (1 when there is no loop)
         self.sequence_parallel = lin.sequence_parallel
         lin.mark_sequence_parallel(self)
 
@@ -120,26 +126,17 @@ class LoopMoEModel(nn.Module):
     def forward(self, tokens, labels=None, loss_mask=None, return_routing=False, exit_logits=False,
                 exit_after=None, force_routing=None, cache: KVCache | None = None) -> ModelOutput:
         """``cache``: a KVCache for incremental decoding; ``tokens`` are then the new positions only."""
-        cfg, R = self.cfg, self.n_iters
-        if exit_after is not None and not 1 <= exit_after <= R:
-            raise ValueError(f"exit_after={exit_after} must be in 1..{R} (loop iterations)")
-        n_iters = R if exit_after is None else exit_after
+        cfg = self.cfg
+        n_iters = self.schedule.check_exit(exit_after)
         want_exit_losses = labels is not None and any(w != 0 for w in cfg.exit_loss_weights)
         run = _Run(self, force_routing or {}, return_routing, cache)
 
         h = self.embed(tokens)  # [b, s, d]
-        for i, blk in enumerate(self.prelude):
-            h = run.block(blk, i, 0, h)
-        x0 = h  # the loop's input state (for re-injection)
         exits = []  # logits after iterations 1..n_iters-1, [b, s, V] each
-        for it in range(n_iters):
-            if it > 0 and cfg.input_reinjection:
-                h = h + x0  # re-inject the loop input before every iteration after the first
-            e_k = self.iter_embed(it) if self.iter_embed is not None else None  # [r]
-            for j, blk in enumerate(self.loop):
-                h = run.block(blk, cfg.n_prelude + j, it, h, e_k)
-            if it < n_iters - 1 and (exit_logits or want_exit_losses):
-                exits.append(self._coda_head(h, run, record=False))  # early exit read-out
+        read_exit = (lambda it, h: exits.append(self._coda_head(h, run, record=False))  # early exit read-out
+                     if exit_logits or want_exit_losses else None)
+        h = self.schedule.prelude(h, run.layer)
+        h = self.schedule.loop(h, run.layer, self.iter_embed, n_iters, read_exit)
         logits = self._coda_head(h, run, record=True)  # [b, s, V]
 
         out = ModelOutput(logits=logits, lb_loss=run.lb, z_loss=run.z, routing=run.records,
@@ -155,8 +152,7 @@ class LoopMoEModel(nn.Module):
         return out
 
     def _coda_head(self, h, run, record: bool):
-        for c, blk in enumerate(self.coda):
-            h = run.block(blk, self.cfg.n_prelude + self.cfg.n_loop + c, 0, h, record=record)
+        h = self.schedule.coda(h, run.layer if record else run.layer_unrecorded)
         return self.head(self.norm(h))  # [b, s, V]
 
     @torch.no_grad()
@@ -186,13 +182,25 @@ class LoopMoEModel(nn.Module):
 
 
 class _Run:
-    """Per-forward bookkeeping: forced routing lookup, aux-loss sums, routing records."""
+    """Per-forward bookkeeping: forced routing lookup, aux-loss sums, routing records. ``layer`` is the
+    schedule's run_layer; every executed layer of the training model and of a pipeline stage goes
+    through ``block`` (the one place to wrap an executed layer, e.g. for recompute)."""
 
-    def __init__(self, model: LoopMoEModel, force: dict, return_routing: bool, cache: KVCache | None):
+    def __init__(self, model: nn.Module, force: dict, return_routing: bool, cache: KVCache | None):
         self.model, self.force, self.return_routing, self.cache = model, force, return_routing, cache
-        self.lb = torch.zeros((), device=model.norm.weight.device)
-        self.z = torch.zeros((), device=model.norm.weight.device)
+        self.lb = torch.zeros((), device=model.rope_cos.device)
+        self.z = torch.zeros((), device=model.rope_cos.device)
         self.records: list[RoutingRecord] = []
+
+    def _blk(self, st: Step) -> Block:
+        mods = getattr(self.model, st.kind)  # a ModuleList, or a pipeline stage's ModuleDict slice
+        return mods[str(st.index)] if isinstance(mods, nn.ModuleDict) else mods[st.index]
+
+    def layer(self, st: Step, h, e_k=None):
+        return self.block(self._blk(st), st.layer, st.iteration, h, e_k)
+
+    def layer_unrecorded(self, st: Step, h, e_k=None):  # an early-exit read-out's coda
+        return self.block(self._blk(st), st.layer, st.iteration, h, e_k, record=False)
 
     def block(self, blk: Block, layer: int, it: int, h, e_k=None, record: bool = True):
         forced = self.force.get((layer, it)) if record else None
@@ -206,10 +214,9 @@ class _Run:
         return h
 
 
+LayerRunner = _Run  # the public name (the pipeline stage runs its layers through it too)
+
+
 def lm_loss(logits, labels, loss_mask=None):
     """Cross-entropy (fp32) averaged over loss_mask; labels are already shifted (next tokens)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [b*s]
-    if loss_mask is None:
-        return ce.mean()
-    mask = loss_mask.flatten().float()
-    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+    return core.masked_ce(logits, labels, loss_mask)

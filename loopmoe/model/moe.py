@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model import core
 from loopmoe.model.recompute import is_recomputing
 
 
@@ -68,16 +69,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, forced_topk: torch.Tensor | None = None) -> Routing:
         T, E, k = x.shape[0], self.n_experts, self.k
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
-        if forced_topk is not None:
-            topk = forced_topk.to(logits.device)  # reuse a recorded decision
-        else:
-            select = logits + self.bias if self.aux_free else logits
-            topk = select.topk(k, dim=-1).indices  # [T, k]
-        probs = logits.softmax(dim=-1)  # [T, E]
-        if self.score == "topk_then_softmax":
-            gates = logits.gather(1, topk).softmax(dim=-1)  # [T, k], sums to 1
-        else:
-            gates = probs.gather(1, topk)  # [T, k], not renormalised
+        topk, gates, probs = core.route(logits, k, self.score, self.bias if self.aux_free else None,
+                                        forced_topk)  # [T, k], [T, k], [T, E]
         load = count_per_expert(topk, E)  # [E]
         lb = E * (load.float() / (T * k) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -190,7 +183,7 @@ class SwiGLU(nn.Module):
         self.w2 = lin.row(hidden, d, out_std)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, d] -> [b, s, d]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return core.swiglu(x, self.w1, self.w3, self.w2)
 
 
 class MoE(nn.Module):
@@ -270,25 +263,20 @@ class MoE(nn.Module):
 
 
 def expert_group(ep_size: int):
-    """DeepSpeed's expert-parallel process group "ep_size_{ep}", made by loopmoe.parallel.groups (the one
-    constructor, so the model and ZeRO see the same layout). Made here on first use only when megatron's
-    parallel_state exists (collective: every rank builds its model in the same order); without it this is
-    an error: DeepSpeed's own constructor lays the groups out differently from the training layout."""
+    """DeepSpeed's expert-parallel process group "ep_size_{ep}", looked up, never made here: the one
+    constructor is loopmoe.parallel.groups.create_expert_groups (called by init_distributed before the
+    model is built), so the model and ZeRO see the same layout. DeepSpeed's own constructor would lay the
+    groups out differently from the training layout, so a missing group is an error, not a fallback."""
     import deepspeed
     from deepspeed import comm as ds_comm
     from deepspeed.utils import groups
-    from megatron.core import parallel_state as ps
-
-    from loopmoe.parallel.groups import create_expert_groups
 
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
-        if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
-            raise RuntimeError(f"MoE with ep_size={ep_size}: no expert-parallel groups; call "
-                               f"loopmoe.parallel.distributed.init_distributed(ep={ep_size}) (or megatron's "
-                               f"parallel_state.initialize_model_parallel and then "
-                               f"loopmoe.parallel.groups.create_expert_groups({ep_size})) before building the model")
-        create_expert_groups(ep_size)
+        raise RuntimeError(f"MoE with ep_size={ep_size}: no expert-parallel groups; call "
+                           f"loopmoe.parallel.distributed.init_distributed(ep={ep_size}) (or megatron's "
+                           f"parallel_state.initialize_model_parallel and then "
+                           f"loopmoe.parallel.groups.create_expert_groups({ep_size})) before building the model")
     if not ds_comm.is_initialized():  # the all-to-all goes through DeepSpeed's comm layer
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     return groups._get_expert_parallel_group(name)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loopmoe.model.model import LoopMoEModel, ModelOutput, lm_loss
+from loopmoe.model.model import LoopMoEModel, LayerRunner, ModelOutput, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class PipelineStage(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.n_iters = model.n_iters
-        self.recompute = model.recompute  # train.recompute (loopmoe/model/recompute.py)
+        self.recompute = model.recompute  # train.recompute (loopmoe/model/recompute.py), read by LayerRunner
+        self.schedule = model.schedule
         self.sequence_parallel = model.sequence_parallel
         self.aux_weight = 1.0  # 1/TP under sequence parallelism (see aux_scale)
         self.num_micro = 1  # micro-batches of the current step (the schedule divides the loss by it)
@@ -94,29 +95,11 @@ class PipelineStage(nn.Module):
     update_router_biases = LoopMoEModel.update_router_biases  # uses cfg, layers, sequence_parallel
 
     def forward(self, tokens, labels=None, loss_mask=None):
-        cfg, rope = self.cfg, (self.rope_cos, self.rope_sin)
-        lb = z = torch.zeros((), device=self.rope_cos.device)
-
-        def block(blk, h, e_k=None):
-            nonlocal lb, z
-            h, r = blk(h, rope, e_k, None, None, recompute=self.recompute)  # per executed layer
-            if r is not None:
-                lb, z = lb + r.lb, z + r.z
-            return h
-
+        cfg = self.cfg
+        run = LayerRunner(self, {}, False, None)  # the training model's per-layer runner (aux-loss sums)
         h = self.embed(tokens) if self.is_first else self.input_tensor.transpose(0, 1)  # [b, s(/tp), d]
-        for blk in self.prelude.values():
-            h = block(blk, h)
-        if self.loop is not None:  # the whole loop block: R iterations of the K shared layers
-            x0 = h
-            for it in range(self.n_iters):
-                if it > 0 and cfg.input_reinjection:
-                    h = h + x0
-                e_k = self.iter_embed(it) if self.iter_embed is not None else None
-                for blk in self.loop:
-                    h = block(blk, h, e_k)
-        for blk in self.coda.values():
-            h = block(blk, h)
+        h = self.schedule.run(h, run.layer, self.iter_embed, lo=self.lo, hi=self.hi)  # this stage's slice
+        lb, z = run.lb, run.z
         aux = cfg.lb_loss_coef * lb + cfg.z_loss_coef * z
         # summed on the device (no host read per micro-batch); read once per step
         self.sums = self.sums.to(lb.device) + torch.stack([torch.zeros_like(lb), lb.detach(), z.detach()]).float()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import torch
 from torch import nn
@@ -132,13 +133,63 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def pipeline_step(engine, stage, batches, cfg: Config, step: int, before_step=None) -> torch.Tensor:
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stops and the last good checkpoint is kept."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Raise TrainingDiverged on every rank if the loss is not finite on any rank (collective)."""
+    import torch.distributed as dist
+
+    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        bad = bad.to(dev)
+        dist.all_reduce(bad)
+    if bad.item() > 0:  # before the optimizer step: no NaN reaches the weights or the optimizer state
+        raise TrainingDiverged(f"loss is {value} at step {step}; stopping. The last good checkpoint is "
+                               "kept: lower optim.lr or raise optim.warmup_steps and resume.")
+
+
+def make_step(engine, cfg: Config, layout=None, stage=None):
+    """The optimizer step the loop calls as ``step_fn(batches, step, pre_optim_step) -> sums``: [loss,
+    lm_loss, lb_loss, z_loss] summed over the micro-batches. ``stage`` (a PipelineStage) selects the
+    pipeline step, else the data-parallel one."""
+    if stage is not None:
+        return lambda batches, step, pre=None: pipeline_step(engine, stage, batches, cfg, step, pre)
+    return lambda batches, step, pre=None: dp_step(engine, batches, cfg, layout, step, pre)
+
+
+def dp_step(engine, batches, cfg: Config, layout, step: int, pre_optim_step=None) -> torch.Tensor:
+    """One optimizer step without PP: grad_accum micro-batches through the DeepSpeed engine (it reduces
+    the gradients and steps the optimizer at the accumulation boundary only). A non-finite loss raises
+    TrainingDiverged before the optimizer step."""
+    from loopmoe.parallel.parallelize import backward_loss
+
+    # loss, lm_loss, lb_loss, z_loss summed over micro-batches, on the loss's device: one host read per
+    # step (the finiteness check of the sum), not one per micro-batch
+    sums = torch.zeros(4)
+    for i in range(cfg.train.grad_accum):
+        batch = next(batches)
+        out = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        sums = sums.to(out.loss.device) + torch.stack([out.loss.detach(), out.lm_loss.detach(),
+                                                       out.lb_loss.detach(), out.z_loss.detach()]).float()
+        if i == cfg.train.grad_accum - 1:  # before the last backward and the optimizer step
+            check_finite(sums[0], step)  # non-finite iff some micro-batch's loss is
+        engine.backward(backward_loss(out, layout) if layout is not None else out.loss)
+        if i == cfg.train.grad_accum - 1 and pre_optim_step is not None:
+            pre_optim_step()
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+    return sums.cpu()
+
+
+def pipeline_step(engine, stage, batches, cfg: Config, step: int, pre_optim_step=None) -> torch.Tensor:
     """One optimizer step under PP: megatron's 1F1B schedule over grad_accum micro-batches, then
     DeepSpeed's data-parallel reduction (ZeRO 0: its bucketed all-reduce; ZeRO 1: reduce to the
     partition owners) and step. Returns this rank's metric sums (see pipeline_forward_backward);
     a non-finite loss raises TrainingDiverged before the optimizer step."""
     from loopmoe.parallel.pipeline import pipeline_forward_backward
-    from loopmoe.train.loop import check_finite
 
     opt = engine.optimizer
     if hasattr(opt, "clear_backward_seen_flag"):
@@ -150,7 +201,7 @@ def pipeline_step(engine, stage, batches, cfg: Config, step: int, before_step=No
         opt.reduce_gradients(pipeline_parallel=True)
     else:
         engine.buffered_allreduce_fallback()
-    if before_step is not None:
-        before_step()
+    if pre_optim_step is not None:
+        pre_optim_step()
     engine.step()
     return sums

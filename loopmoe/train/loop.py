@@ -1,7 +1,6 @@
 """The training loop: small on purpose. Logging, validation, checkpoints and signals are callbacks."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -9,9 +8,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the run stops and the last good checkpoint is kept."""
+from loopmoe.train.engine import TrainingDiverged, check_finite, make_step  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -23,24 +20,17 @@ class TrainState:
 
 
 class Callback:
-    """Hooks beside the loop. ``trainer`` gives access to cfg, engine, model, state."""
+    """Hooks beside the loop. ``trainer`` gives access to cfg, engine, model, state. Callbacks run in
+    descending ``priority`` (ties: the order given), whatever order the list has: producers of metrics
+    (validation) above their consumers (the logger), the checkpoint last. A callback adds a metric to the
+    current step with ``trainer.record_metric`` (OLMo-core's Callback.priority / Trainer.record_metric)."""
+
+    priority: int = 0
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
+    def pre_optim_step(self, trainer: "Trainer") -> None: ...  # gradients reduced, optimizer not stepped
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Raise TrainingDiverged on every rank if the loss is not finite on any rank (collective)."""
-    value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        bad = bad.to(dev)
-        dist.all_reduce(bad)
-    if bad.item() > 0:  # before the optimizer step: no NaN reaches the weights or the optimizer state
-        raise TrainingDiverged(f"loss is {value} at step {step}; stopping. The last good checkpoint is "
-                               "kept: lower optim.lr or raise optim.warmup_steps and resume.")
 
 
 class Trainer:
@@ -52,38 +42,25 @@ class Trainer:
                  layout=None, stage=None):
         self.cfg, self.engine, self.model = cfg, engine, model
         self.batches = train_batches
-        self.callbacks = callbacks
+        self.callbacks = sorted(callbacks, key=lambda cb: -cb.priority)  # stable: ties keep their order
         self.state = state or TrainState()
         self.layout, self.stage = layout, stage
         self.dp_size = layout.dp if layout is not None else dp_size
         self.global_batch = cfg.train.micro_batch * cfg.train.grad_accum * self.dp_size
-        self.before_optimizer_step = None  # called once per step after the gradient reduction (tests)
+        self.step_fn = make_step(engine, cfg, layout, stage)  # the step (engine.py): DP or pipeline
+        self._metrics: dict[str, float] = {}
+
+    def record_metric(self, name: str, value: float) -> None:
+        """Add ``name`` to this step's metrics (what the callbacks of lower priority, e.g. the logger, see)."""
+        self._metrics[name] = float(value)
+
+    def _pre_optim_step(self) -> None:
+        for cb in self.callbacks:
+            cb.pre_optim_step(self)
 
     def train_step(self) -> dict[str, float]:
-        from loopmoe.parallel.parallelize import backward_loss
-
         t0 = time.perf_counter()
-        if self.stage is not None:  # PP: megatron's schedule + DeepSpeed's reduction and step
-            from loopmoe.train.engine import pipeline_step
-
-            sums = pipeline_step(self.engine, self.stage, self.batches, self.cfg, self.state.step + 1,
-                                 self.before_optimizer_step)
-        else:
-            # loss, lm_loss, lb_loss, z_loss summed over micro-batches, on the loss's device: one host
-            # read per step (the finiteness check of the sum), not one per micro-batch
-            sums = torch.zeros(4)
-            for i in range(self.cfg.train.grad_accum):
-                batch = next(self.batches)
-                out = self.engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
-                sums = sums.to(out.loss.device) + torch.stack([out.loss.detach(), out.lm_loss.detach(),
-                                                               out.lb_loss.detach(), out.z_loss.detach()]).float()
-                if i == self.cfg.train.grad_accum - 1:  # before the last backward and the optimizer step
-                    check_finite(sums[0], self.state.step + 1)  # non-finite iff some micro-batch's loss is
-                self.engine.backward(backward_loss(out, self.layout) if self.layout is not None else out.loss)
-                if i == self.cfg.train.grad_accum - 1 and self.before_optimizer_step is not None:
-                    self.before_optimizer_step()
-                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            sums = sums.cpu()
+        sums = self.step_fn(self.batches, self.state.step + 1, self._pre_optim_step)  # [loss, lm, lb, z]
         self.model.update_router_biases()  # aux-loss-free balancing: after the optimizer step, once per step
         # One all-reduce carries the metrics and the stop flag (a signal may reach only some ranks).
         packed = torch.cat([sums / self.cfg.train.grad_accum, torch.tensor([float(self.state.stop_requested)])])
@@ -111,7 +88,7 @@ class Trainer:
             metrics = self.train_step()
             self.state.step += 1
             self.state.consumed_samples += self.global_batch
-            self.state.last = metrics
+            self.state.last = self._metrics = metrics  # record_metric adds to it
             exit_every = self.cfg.train.exit_interval
             if exit_every and self.state.step % exit_every == 0 and self.state.step < self.cfg.train.steps:
                 self.state.stop_requested = True  # the checkpoint callback saves; the run ends cleanly

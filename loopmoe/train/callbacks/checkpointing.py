@@ -9,6 +9,8 @@ from loopmoe.train.loop import Callback
 
 
 class CheckpointEvery(Callback):
+    priority = 10  # last: it saves the state every other callback has updated
+
     def __init__(self, checkpointer: Checkpointer):
         self.ckpt = checkpointer
         self._saved_step = -1

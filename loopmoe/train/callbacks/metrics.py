@@ -32,6 +32,7 @@ def default_peak_tflops(precision: str, stated: float = 0.0) -> float:
 
 
 class MetricsLogger(Callback):
+    priority = 20  # after the callbacks that record metrics (validation), before the checkpoint
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
                  progress_bar: bool, sinks: list | None = None):
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0

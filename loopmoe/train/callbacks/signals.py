@@ -25,6 +25,7 @@ def catch_early_signals() -> None:
 
 
 class StopOnSignal(Callback):
+    priority = 40  # first: its handlers are installed before anything else starts
     signals = SIGNALS
 
     def on_train_start(self, trainer) -> None:

@@ -8,13 +8,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from loopmoe.analysis.routing_metrics import divergence_stats, load_imbalance
+from loopmoe.model.core import masked_ce
+from loopmoe.model.routing_metrics import divergence_stats, load_imbalance
 from loopmoe.train.loop import Callback
-
-
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (ce * mask.flatten()).sum() / mask.sum().clamp_min(1)
 
 
 @torch.no_grad()
@@ -26,9 +22,9 @@ def evaluate(model, batches: Iterator[dict], n_batches: int) -> dict[str, float]
     for _ in range(n_batches):
         b = next(batches)
         out = model(b["tokens"], return_routing=cfg.ffn == "moe", exit_logits=cfg.is_looped)
-        sums["loss"] += _lm_loss(out.logits, b["labels"], b["loss_mask"]).item()
+        sums["loss"] += masked_ce(out.logits, b["labels"], b["loss_mask"]).item()
         for k, lg in enumerate(out.exit_logits or [], start=1):
-            sums[f"loss_exit{k}"] += _lm_loss(lg, b["labels"], b["loss_mask"]).item()
+            sums[f"loss_exit{k}"] += masked_ce(lg, b["labels"], b["loss_mask"]).item()
         by_layer = defaultdict(dict)
         for r in out.routing or []:
             by_layer[r.layer][r.iteration] = r
@@ -50,12 +46,14 @@ def evaluate(model, batches: Iterator[dict], n_batches: int) -> dict[str, float]
 
 
 class Validate(Callback):
+    priority = 30  # before the metrics logger, which reports the val/... metrics it records
     def __init__(self, make_batches: Callable[[], Iterator[dict]]):
         self.make_batches = make_batches  # a fresh iterator each time: the same held-out batches every eval
 
     def _run(self, trainer, metrics: dict) -> None:
         res = evaluate(trainer.model, self.make_batches(), trainer.cfg.train.eval_iters)
-        metrics.update({f"val/{k}": v for k, v in res.items()})
+        for k, v in res.items():
+            trainer.record_metric(f"val/{k}", v)
 
     def on_step_end(self, trainer, metrics) -> None:
         if trainer.state.step % trainer.cfg.train.eval_interval == 0 or trainer.state.step == trainer.cfg.train.steps:
