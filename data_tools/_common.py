@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Literal, NoReturn
 
+from loopmoe.tokenizer_json import TokenizerFileError
+
 InputFormat = Literal["jsonl", "text", "parquet"]
 
 # The demo corpus made by `make corpus` (scripts/get_corpus.py); the tools' default input.
@@ -282,61 +284,6 @@ def split_paragraphs(text: str) -> list[str]:
     return [p for p in re.split(r"\n[ \t\r\f\v]*\n(?:[ \t\r\f\v]*\n)*", text) if p.strip()]
 
 
-def iter_texts(path: str, fmt: InputFormat, keys: Sequence[str], skip_bad_lines: bool,
-               on_bad: Callable[[str], None] | None = None) -> Iterator[str]:
-    """Every text of one input file: the ``keys`` fields of each JSON line, or a text file's content.
-
-    For the tokenizer trainer (the preprocessor has its own batched, multi-process reader).
-    Blank JSON lines are ignored. ``on_bad`` is told about each skipped line (or null parquet value).
-    """
-    if fmt == "parquet":
-        from data_tools.inputs import iter_parquet_columns
-
-        for first, cols in iter_parquet_columns(path, keys, 1024):
-            for i, values in enumerate(zip(*cols)):
-                for key, value in zip(keys, values):
-                    if isinstance(value, str):
-                        yield value
-                        continue
-                    msg = f"{path}: row {first + i}: column {key!r} is null (rows count from 0)"
-                    if not skip_bad_lines:
-                        raise DataToolError(msg + "; drop such rows or pass --skip-bad-lines to skip them")
-                    if on_bad:
-                        on_bad(msg)
-        return
-    with InputFile(path) as f:
-        try:
-            if fmt == "text":
-                data = f.stream.read()
-                try:
-                    yield data.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    msg = f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8"
-                    if not skip_bad_lines:
-                        raise DataToolError(msg + " (or pass --skip-bad-lines to skip it)") from None
-                    if on_bad:
-                        on_bad(msg)
-                return
-            for lineno, line in enumerate(f.stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    values = json_fields(line, keys)
-                except BadLine as e:
-                    if not skip_bad_lines:
-                        raise DataToolError(bad_line_message(path, lineno, e)) from None
-                    if on_bad:
-                        on_bad(f"{path}:{lineno}: {e}")
-                    continue
-                yield from values
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-            raise read_error(path, e) from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Outputs, signals, exit codes
-
-
 def temp_name(final: str) -> str:
     """Where ``final`` is written until it is complete: same directory (so os.replace is atomic)."""
     return f"{final}.tmp-{os.getpid()}"
@@ -369,7 +316,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     install_sigterm_handler()
     try:
         code = main(argv)
-    except DataToolError as e:
+    except (DataToolError, TokenizerFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:

@@ -37,9 +37,15 @@ import numpy as np
 
 from data_tools._common import DataToolError
 from data_tools.indexed import optimal_dtype
+from loopmoe.tokenizer_json import (  # noqa: F401  (shared with training: one definition of each)
+    KNOWN_EOD_TOKENS,
+    hf_eod_token,
+    hf_vocab_size,
+    is_tokenizer_json,
+    load_hf_tokenizer,
+    special_tokens,
+)
 
-# End-of-text tokens of common tokenizers: GPT-2/Qwen/StarCoder, Llama 3, Llama 2/Mistral/T5, Gemma.
-KNOWN_EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
 MAX_CACHE = 2 << 20  # cached chunks per process (~300 MB); cleared when full
 MAX_CACHED_CHUNK = 64  # characters; longer chunks (base64, minified code) are encoded but not kept
 
@@ -80,13 +86,6 @@ class Encoder:
 
     def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         raise NotImplementedError
-
-
-def is_tokenizer_json(path: str) -> bool:
-    """A Hugging Face tokenizer.json (a JSON object) rather than a sentencepiece model (a protobuf)."""
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    return head.startswith(b"{")
 
 
 def open_tokenizer(path: str, append_eod: bool, eod_token: str | None = None,
@@ -209,60 +208,6 @@ class SentencePieceEncoder(Encoder):
 
 # ---------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
-
-
-def hf_eod_token(path: str, tok, name: str | None = None) -> tuple[str, int] | None:
-    """The end-of-document token of a tokenizer.json and its id; None when it has none.
-
-    ``name`` (--eod-token) wins; else ``eos_token`` of tokenizer_config.json beside it; else the
-    first of KNOWN_EOD_TOKENS that the tokenizer has. A named token that does not exist is an error.
-    """
-    if name is not None:
-        tid = tok.token_to_id(name)
-        if tid is None:
-            raise DataToolError(f"--eod-token {name!r}: {path} has no such token; special tokens it has: "
-                                f"{', '.join(repr(t) for t in special_tokens(tok)[:20]) or 'none'}")
-        return name, tid
-    config = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
-    if os.path.isfile(config):
-        try:
-            with open(config, encoding="utf-8") as f:
-                eos = json.load(f).get("eos_token")
-        except (OSError, ValueError) as e:
-            raise DataToolError(f"{config}: cannot read it as JSON ({e}); fix or remove it") from None
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            tid = tok.token_to_id(eos)
-            if tid is None:
-                raise DataToolError(f"{config}: eos_token {eos!r} is not in {path}; name the EOD with --eod-token")
-            return eos, tid
-    specials = set(special_tokens(tok))
-    for cand in KNOWN_EOD_TOKENS:
-        if cand in specials and tok.token_to_id(cand) is not None:
-            return cand, tok.token_to_id(cand)
-    return None
-
-
-def special_tokens(tok) -> list[str]:
-    return [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
-
-
-def hf_vocab_size(tok) -> int:
-    """Ids run below this (the added tokens included; ids may have gaps)."""
-    return max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
-
-
-def load_hf_tokenizer(path: str):
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DataToolError(f"{path} is a Hugging Face tokenizer.json, which needs the tokenizers package: "
-                            f"pip install tokenizers") from None
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises plain Exception on a malformed file
-        raise DataToolError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 class HuggingFaceEncoder(Encoder):

@@ -10,12 +10,12 @@ The main process only cuts the input into tasks (cheap); the workers parse and t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from data_tools._common import DataToolError, InputFile, InputFormat, input_format, read_error, read_errors, \
-    split_paragraphs
+from data_tools._common import BadLine, DataToolError, InputFile, InputFormat, bad_line_message, input_format, \
+    json_fields, read_error, read_errors, split_paragraphs
 
 MAX_TASK_BYTES = 8 << 20  # a task never holds more than ~8 MB of text, whatever --batch-size says
 
@@ -123,3 +123,56 @@ def decode_text(data: bytes, path: str, skip_bad_lines: bool) -> str | None:
             return None
         raise DataToolError(f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8 "
                             f"(or pass --skip-bad-lines to skip it)") from None
+
+
+def iter_texts(path: str, fmt: InputFormat, keys: Sequence[str], skip_bad_lines: bool,
+               on_bad: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Every text of one input file: the ``keys`` fields of each JSON line, or a text file's content.
+
+    For the tokenizer trainer (the preprocessor has its own batched, multi-process reader).
+    Blank JSON lines are ignored. ``on_bad`` is told about each skipped line (or null parquet value).
+    """
+    if fmt == "parquet":
+        for first, cols in iter_parquet_columns(path, keys, 1024):
+            for i, values in enumerate(zip(*cols)):
+                for key, value in zip(keys, values):
+                    if isinstance(value, str):
+                        yield value
+                        continue
+                    msg = f"{path}: row {first + i}: column {key!r} is null (rows count from 0)"
+                    if not skip_bad_lines:
+                        raise DataToolError(msg + "; drop such rows or pass --skip-bad-lines to skip them")
+                    if on_bad:
+                        on_bad(msg)
+        return
+    with InputFile(path) as f:
+        try:
+            if fmt == "text":
+                data = f.stream.read()
+                try:
+                    yield data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    msg = f"{path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8"
+                    if not skip_bad_lines:
+                        raise DataToolError(msg + " (or pass --skip-bad-lines to skip it)") from None
+                    if on_bad:
+                        on_bad(msg)
+                return
+            for lineno, line in enumerate(f.stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    values = json_fields(line, keys)
+                except BadLine as e:
+                    if not skip_bad_lines:
+                        raise DataToolError(bad_line_message(path, lineno, e)) from None
+                    if on_bad:
+                        on_bad(f"{path}:{lineno}: {e}")
+                    continue
+                yield from values
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise read_error(path, e) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs, signals, exit codes

@@ -43,11 +43,11 @@ from data_tools._common import (
     cpu_count,
     expand_inputs,
     input_format,
-    iter_texts,
     non_negative_int,
     positive_int,
     run_cli,
 )
+from data_tools.inputs import iter_texts
 
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")

@@ -103,7 +103,7 @@ def test_bad_json_line_in_zst_named_by_file_and_line(tmp_path, tokenizer):
 
 def test_tokenizer_trainer_reads_parquet_and_zst(tmp_path, docs):
     from data_tools import train_tokenizer
-    from data_tools._common import iter_texts
+    from data_tools.inputs import iter_texts
 
     par = write_parquet(tmp_path / "t.parquet", docs)
     zst = write_zst(tmp_path / "t.jsonl.zst", docs)

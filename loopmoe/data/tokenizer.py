@@ -7,7 +7,7 @@
 * From a Hugging Face ``tokenizer.json`` (the same ``data.tokenizer_model`` path; told apart by content):
   ``HFJsonTokenizer`` below, through the ``tokenizers`` library. Its ``eod`` is the end-of-text token
   data_tools/preprocess.py appends (``eos_token`` of a tokenizer_config.json beside it, else
-  <|endoftext|>, <|end_of_text|>, </s>, <eos>; data_tools.encoders.hf_eod_token), so training cuts
+  <|endoftext|>, <|end_of_text|>, </s>, <eos>; loopmoe.tokenizer_json.hf_eod_token), so training cuts
   documents where the data has them. megatron-core's HuggingFaceTokenizer would need transformers'
   AutoTokenizer and a tokenizer_config.json; a bare tokenizer.json is what people have.
 * From explicit ids (tests, synthetic data): ``FixedIdsTokenizer`` below. megatron-core has no class
@@ -92,7 +92,7 @@ class HFJsonTokenizer:
 
     @property
     def _tok(self):
-        from data_tools.encoders import load_hf_tokenizer
+        from loopmoe.tokenizer_json import load_hf_tokenizer
 
         tok = self.__dict__.get("_cached")
         if tok is None:
@@ -108,20 +108,19 @@ class HFJsonTokenizer:
 
 
 def is_tokenizer_json(path: str) -> bool:
-    from data_tools.encoders import is_tokenizer_json as check
+    from loopmoe.tokenizer_json import is_tokenizer_json as check
 
     return check(path)
 
 
 def load_hf_json(path: str, eod_token: str | None = None) -> HFJsonTokenizer:
     """tokenizer.json -> HFJsonTokenizer; ValueError when it has no end-of-text token (name it)."""
-    from data_tools._common import DataToolError
-    from data_tools.encoders import hf_eod_token, hf_vocab_size, load_hf_tokenizer
+    from loopmoe.tokenizer_json import TokenizerFileError, hf_eod_token, hf_vocab_size, load_hf_tokenizer
 
     try:
         tok = load_hf_tokenizer(path)
         found = hf_eod_token(path, tok, eod_token)
-    except DataToolError as e:
+    except TokenizerFileError as e:
         raise ValueError(str(e)) from None
     if found is None:
         raise ValueError(f"{path}: cannot tell its end-of-document token (no tokenizer_config.json eos_token beside "

@@ -56,10 +56,10 @@ class Attention(nn.Module):
             k, v = kv.append(k, v)  # [b, KV_local, past + s, hd]
             if past and s > 1:  # new queries see the whole past and, causally, each other
                 mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        core = functools.partial(  # query head h reads kv head h // q_per_kv
+        sdpa = functools.partial(  # the attention core; query head h reads kv head h // q_per_kv
             F.scaled_dot_product_attention, attn_mask=mask, is_causal=past == 0 and s > 1,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
-        y = checkpointed(core, q, k, v) if recompute_core else core(q, k, v)  # [b, H_local, s, hd]
+        y = checkpointed(sdpa, q, k, v) if recompute_core else sdpa(q, k, v)  # [b, H_local, s, hd]
         return self.proj(y.transpose(1, 2).reshape(b, s, -1))  # [b, s(/tp), d]
 
 
