@@ -67,6 +67,7 @@ from data_tools._common import (
     DataToolError,
     HelpFormatter,
     SignalsDeferred,  # noqa: F401  (re-exported)
+    Terminated,
     bad_line_message,
     cpu_count,
     expand_inputs,
@@ -276,7 +277,14 @@ class Tokenizers:
         try:
             self.pool = ctx.Pool(self.workers, initializer=init_worker, initargs=(*self.init_args, os.getpid()))
             self.worker_pids = {p.pid for p in mp.active_children()} - others
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a signal that came is raised here
+            # While the pool runs, a stop signal only sets a flag, raised at the next safe point (check_stop):
+            # an exception raised at a random bytecode could land while this thread holds one of the pool's
+            # locks, and Pool.terminate() would then wait for it forever (seen: a SIGTERM while the main
+            # process was blocked writing progress to a full stderr pipe). Blocking the signal instead
+            # does not help: the pool's threads would take it.
+            self._stop_signal = None
+            self._old_handlers = {s: signal.signal(s, self._note_stop) for s in STOP_SIGNALS}
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a signal that came is noted here
         except BaseException:
             try:
                 self.__exit__(None, None, None)
@@ -285,7 +293,21 @@ class Tokenizers:
             raise
         return self
 
+    def _note_stop(self, signum: int, frame: object) -> None:
+        self._stop_signal = signum
+
+    def check_stop(self) -> None:
+        """Raise the noted stop signal (KeyboardInterrupt for SIGINT, Terminated for SIGTERM), if any."""
+        sig = getattr(self, "_stop_signal", None)
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        if sig is not None:
+            raise Terminated()
+
     def __exit__(self, *exc: object) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
         if self.pool is not None:
             self.pool.terminate()  # workers stop now, mid-task if need be
             self.pool.join()
@@ -299,17 +321,19 @@ class Tokenizers:
             return
         pending: deque = deque()
         for task in tasks:
+            self.check_stop()
             pending.append(self.pool.apply_async(encode_task, (task,)))
             if len(pending) >= 4 * self.workers:
-                yield _wait(pending.popleft(), self.worker_pids)
+                yield _wait(pending.popleft(), self.worker_pids, self.check_stop)
         while pending:
-            yield _wait(pending.popleft(), self.worker_pids)
+            yield _wait(pending.popleft(), self.worker_pids, self.check_stop)
 
 
-def _wait(async_result: mp.pool.AsyncResult, worker_pids: set[int]) -> Result:
+def _wait(async_result: mp.pool.AsyncResult, worker_pids: set[int], check_stop) -> Result:
     # Pool never reports a worker killed from outside (e.g. by the OOM killer): its task just never
-    # finishes. Poll, and stop if one of the original workers has gone.
+    # finishes. Poll, and stop if one of the original workers has gone (or a stop signal came).
     while True:
+        check_stop()
         async_result.wait(1.0)
         if async_result.ready():
             return async_result.get()
