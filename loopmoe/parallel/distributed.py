@@ -138,6 +138,26 @@ def detect_env() -> DistEnv:
     return DistEnv(0, 1, 0, "single")
 
 
+def _deepspeed_comm(backend: str) -> None:
+    """``deepspeed.init_distributed``. On the CPU it compiles (or loads) its shared-memory collective op and
+    says so with a compiler probe logged at INFO and a print on stdout, on every start: that goes to this
+    module's DEBUG log, not the first screen. Errors and warnings still show."""
+    import contextlib
+    import io
+
+    import deepspeed
+
+    out = io.StringIO()
+    logging.disable(logging.INFO)  # only for this call: the op builder's compiler-probe INFO records
+    try:
+        with contextlib.redirect_stdout(out):
+            deepspeed.init_distributed(dist_backend=backend)
+    finally:
+        logging.disable(logging.NOTSET)
+    if out.getvalue().strip():
+        log.debug("deepspeed.init_distributed: %s", out.getvalue().strip())
+
+
 def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_minutes: int = 10,
                      ep: int = 1) -> DistEnv:
     """Process group + megatron-core's tensor/pipeline/data groups (+ DeepSpeed's expert groups inside
@@ -159,9 +179,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=denv.rank, world_size=denv.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the group made above
+    _deepspeed_comm(backend)  # DeepSpeed's comm layer adopts the group made above
     megatron_cpu_adapter.install()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
