@@ -20,18 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_tools._common import DataToolError, SignalsDeferred, temp_name
-
-INDEX_HEADER = b"MMIDIDX\x00\x00"
-INDEX_VERSION = 1
-HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # 34
-DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
-               np.float32: 7, np.uint16: 8}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-
-
-def optimal_dtype(vocab_size: int) -> type[np.integer]:
-    """megatron-core's DType.optimal_dtype: uint16 below 65,500 ids, else int32."""
-    return np.uint16 if vocab_size < 65500 else np.int32
+from loopmoe.idx_format import (  # noqa: F401  (re-exported: the format, defined once)
+    CODE_DTYPES,
+    DTYPE_CODES,
+    HEADER_BYTES,
+    INDEX_HEADER,
+    INDEX_VERSION,
+    optimal_dtype,
+)
 
 
 def index_bytes(doc_tokens: np.ndarray, dtype: type[np.integer]) -> bytes:

@@ -1,5 +1,9 @@
 """Tokenise documents into megatron-core's indexed dataset: PREFIX_KEY_document.bin / .idx.
 
+(Why ~520 lines in one file: the command line, the worker pool and the run loop that ties readers to the
+writer, most of it the --help text and its flag checks; the readers are in inputs.py, the tokenizers in
+encoders.py, the .bin/.idx format in indexed.py.)
+
     python data_tools/preprocess.py --append-eod            # demo corpus, data/tokenizer/spm.model
     python data_tools/preprocess.py --input 'shards/*.jsonl.zst' --tokenizer-model tok/spm.model \\
         --output-prefix data/tokens/web --append-eod --workers 16

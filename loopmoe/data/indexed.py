@@ -21,13 +21,9 @@ import numpy as np
 if TYPE_CHECKING:  # megatron-core is heavy to import (~3 s); only open_indexed needs it
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-MAGIC = b"MMIDIDX\x00\x00"
-HEADER_BYTES = 34  # 9 magic + 8 version + 1 dtype + 8 S + 8 D
-# dtype codes of megatron-core's DType enum
-DTYPES: dict[int, type[np.number]] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
-    5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
-}
+from loopmoe.idx_format import CODE_DTYPES as DTYPES  # megatron-core's dtype codes
+from loopmoe.idx_format import HEADER_BYTES, INDEX_VERSION
+from loopmoe.idx_format import INDEX_HEADER as MAGIC
 _CHUNK = 1 << 22  # elements per chunk when scanning big arrays (bounded memory)
 _FIX_PREPROCESS = "re-run the preprocessing that wrote this prefix"
 
@@ -84,8 +80,8 @@ def _read_header(path: str) -> tuple[int, int, int]:
             f"(the legacy 'TNTIDX' and HF/Arrow formats are not supported); {_FIX_PREPROCESS}"
         )
     (version,) = struct.unpack("<Q", head[9:17])
-    if version != 1:
-        raise IndexedDataError(f"{path}: unsupported index version {version} (only 1 is known); {_FIX_PREPROCESS}")
+    if version != INDEX_VERSION:
+        raise IndexedDataError(f"{path}: unsupported index version {version} (only {INDEX_VERSION} is known); {_FIX_PREPROCESS}")
     code = head[17]
     if code not in DTYPES:
         raise IndexedDataError(

@@ -1,5 +1,9 @@
 """Atomic, resumable, layout-independent checkpoints (megatron-core ``dist_checkpointing``).
 
+(Why ~440 lines in one file: save, load and the weights-only reader share one key layout and one step
+directory protocol, the table below; integrity lives in checkpoint_integrity.py, the optimizer state
+accessors in zero_state.py.)
+
 Layout of ``checkpoint.dir``::
 
     step_00000100/
@@ -40,8 +44,6 @@ single process) into the full unsharded model, whatever layout wrote them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import pickle
@@ -52,12 +54,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from loopmoe.train.checkpoint_integrity import (  # noqa: F401  (re-exported: the checkpoint API in one name)
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    _step_of,
+    _write_atomic,
+    _write_manifest,
+    file_digest,
+    resolve_resume,
+    verify_step,
+)
+from loopmoe.train.zero_state import _OPT_KEYS, _get_state, _is_zero, _optimizer_step, _set_state
+
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 DIST = "dist"
 FORMAT = "loopmoe-dist-1"
-_OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _barrier() -> None:
@@ -93,127 +106,6 @@ def read_latest(ckpt_dir: str) -> str | None:
         raise FileNotFoundError(f"{path} names {tag!r}, which is not in {ckpt_dir}: the checkpoint directory was "
                                 "edited by hand; point latest at an existing step_* directory")
     return tag
-
-
-# ---------------------------------------------------------------------------------------------------
-# Manifest: every file's size and digest, so a damaged step is named instead of failing as an EOFError
-
-
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is damaged or cannot be resumed; the message names the step, the file and the way out."""
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(step_dir: str) -> list[str]:
-    """Every file under ``step_dir`` (relative paths, sorted), the manifest excepted."""
-    out = []
-    for root, _, names in os.walk(step_dir):
-        out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
-    return sorted(f for f in out if f != MANIFEST)
-
-
-def _entry(step_dir: str, rel: str) -> dict:
-    path = os.path.join(step_dir, rel)
-    return {"size": os.path.getsize(path), "blake2b": file_digest(path)}
-
-
-def verify_step(step_dir: str) -> str | None:
-    """None if every file of ``step_dir`` matches its manifest, else what is wrong with the first bad file.
-    A step saved before manifests existed (no manifest.json) is taken as intact."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
-        if not os.path.isdir(step_dir):
-            return f"{step_dir} is missing"
-        log.warning("checkpoint: %s has no %s (saved by an older version); its files are not verified",
-                    step_dir, MANIFEST)
-        return None
-    try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{path} is unreadable ({type(e).__name__}: {e})"
-    for rel, want in files.items():
-        p = os.path.join(step_dir, rel)
-        if not os.path.exists(p):
-            return f"{p} is missing"
-        size = os.path.getsize(p)
-        if size != want["size"]:
-            return f"{p} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
-        if file_digest(p) != want["blake2b"]:
-            return f"{p} has the right size but the wrong blake2b digest (bytes changed on disk)"
-    return None
-
-
-def _step_of(tag: str) -> int | str:
-    try:
-        return int(tag.split("_")[1])
-    except (IndexError, ValueError):  # latest edited by hand
-        return tag
-
-
-def resolve_resume(ckpt_dir: str, mode: str) -> str | None:
-    """The step tag to resume from (None: start fresh) for ``checkpoint.resume`` = ``mode``:
-    "none" -> None; "latest" -> the step ``latest`` names, CheckpointError if it is damaged (naming the
-    file and the newest intact earlier step); "latest_intact" -> the newest intact step at or before it,
-    with a WARNING when that is not the one ``latest`` names."""
-    if mode == "none" or not os.path.isdir(ckpt_dir):
-        return None
-    latest = os.path.join(ckpt_dir, LATEST)
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    damage = verify_step(os.path.join(ckpt_dir, tag))  # also "missing" when latest names no directory
-    if damage is None:
-        return tag
-    earlier = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("step_") and t < tag), reverse=True)
-    intact = next((t for t in earlier if verify_step(os.path.join(ckpt_dir, t)) is None), None)
-    if mode == "latest_intact" and intact is not None:
-        log.warning("checkpoint: step %d is DAMAGED (%s); checkpoint.resume=latest_intact: resuming from the "
-                    "newest intact step %d instead, the steps after it will be trained again",
-                    _step_of(tag), damage, _step_of(intact))
-        return intact
-    way_out = (f"the newest intact earlier step is {_step_of(intact)}: resume from it with "
-               f"checkpoint.resume=latest_intact" if intact is not None else
-               "no earlier step is intact: start fresh with checkpoint.resume=none or another checkpoint.dir")
-    raise CheckpointError(f"checkpoint step {_step_of(tag)} in {ckpt_dir} is damaged: {damage}; {way_out}")
-
-
-def _write_manifest(work: str, rank: int) -> None:
-    """Collective, after every rank's files are on disk: each rank digests the files it wrote (megatron's
-    ``__{rank}_*.distcp`` shards, its RNG file), rank 0 gathers them, digests the rest and writes the
-    manifest (temporary name, then rename) inside the step directory, before the step is renamed."""
-    all_files = _files(work)
-    mine = [f for f in all_files if os.path.basename(f).startswith(f"__{rank}_") or f == f"rng_rank{rank}.pt"]
-    entries = {rel: _entry(work, rel) for rel in mine}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, entries)
-        entries = {k: v for part in gathered for k, v in part.items()}
-    if rank == 0:
-        for rel in all_files:  # metadata, common state, config, files of another naming
-            if rel not in entries:
-                entries[rel] = _entry(work, rel)
-        _write_atomic(os.path.join(work, MANIFEST), json.dumps({"files": entries}, indent=1, sort_keys=True))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,90 +190,6 @@ class _Placement:
         from megatron.core.dist_checkpointing import ShardedTensor
 
         return ShardedTensor.from_rank_offsets(key, data, *self.offsets, replica_id=self.replica_id)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimizer state per parameter, out of (and back into) DeepSpeed
-
-
-def _is_zero(opt) -> bool:
-    return hasattr(opt, "single_partition_of_fp32_groups")
-
-
-def _base_optimizer(opt):
-    return opt.optimizer if _is_zero(opt) else opt
-
-
-def _zero_fragment(opt, p, key: str | None):
-    """(view of this rank's fragment in the flat state or master, its [start, numel] in the flat param,
-    the partition group) for a ZeRO-1/2 parameter, or None when this rank holds none of it."""
-    m = getattr(p, "_hp_mapping", None)
-    if m is None:
-        return None
-    flat = opt.single_partition_of_fp32_groups[m.param_group_index]
-    src = flat if key is None else opt.optimizer.state[flat][key]
-    hp = m.hp_fragment_address
-    return src.narrow(0, hp.start, hp.numel), m.lp_fragment_address
-
-
-def _partition_group(opt, p):
-    from deepspeed.moe.utils import is_moe_param
-    from deepspeed.utils import groups as dsg
-    from megatron.core import parallel_state as ps
-
-    if is_moe_param(p):
-        return dsg._get_expert_data_parallel_group(p.group_name)
-    return ps.get_data_parallel_group()
-
-
-def _get_state(opt, p, key: str | None) -> torch.Tensor:
-    """The full fp32 state ``key`` (None = master weight) of parameter ``p`` on this rank (collective under
-    ZeRO: every rank of the partition group calls it in the same order)."""
-    if not _is_zero(opt):
-        if key is None:
-            return p.detach().float().clone()
-        st = opt.state.get(p, {})
-        return st[key].float().clone() if key in st else torch.zeros_like(p, dtype=torch.float32)
-    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-    frag = _zero_fragment(opt, p, key)
-    if frag is not None:
-        src, lp = frag
-        full.narrow(0, lp.start, lp.numel).copy_(src)
-    group = _partition_group(opt, p)
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(full, group=group)
-    return full.view_as(p)
-
-
-def _set_state(opt, p, key: str | None, value: torch.Tensor, step: float) -> None:
-    if not _is_zero(opt):
-        if key is None:
-            return  # the plain optimizer's master weight is the parameter itself
-        st = opt.state[p]
-        if "step" not in st:
-            st["step"] = torch.tensor(step, dtype=torch.float32)
-            for k in _OPT_KEYS:
-                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st[key].copy_(value.view_as(p))
-        return
-    m = getattr(p, "_hp_mapping", None)
-    if m is None:
-        return
-    flat = opt.single_partition_of_fp32_groups[m.param_group_index]
-    st = opt.optimizer.state[flat]
-    if "step" not in st:  # a fresh engine: create AdamW's state for the flat partition
-        st["step"] = torch.tensor(step, dtype=torch.float32)
-        for k in _OPT_KEYS:
-            st[k] = torch.zeros_like(flat)
-    dst, lp = _zero_fragment(opt, p, key)
-    dst.copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
-
-
-def _optimizer_step(opt) -> float:
-    steps = {float(s["step"]) for s in _base_optimizer(opt).state.values() if "step" in s}
-    if len(steps) > 1:
-        log.warning("checkpoint: optimizer states have different step counts %s; saving the largest", steps)
-    return max(steps, default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
