@@ -13,8 +13,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .configuration_loopmoe import LoopMoEConfig
-from .loopmoe_core import (adaln_gate, adaln_modulation, attention_input, block, iter_embedding, rope_angles,
-                           rotate, route, swiglu)
+from .loopmoe_core import (adaln_gate, adaln_modulation, attention_input, block, dropless_moe, grouped_mm_align,
+                           grouped_swiglu, iter_embedding, rope_angles, rotate, route, swiglu)
 
 
 class LoopMoERMSNorm(nn.Module):
@@ -151,22 +151,11 @@ class LoopMoEExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, d, 2 * h))
         self.down_proj = nn.Parameter(torch.empty(E, h, d))
 
-    def forward(self, x, topk, gates):  # x [T, d] -> [T, d]; dropless index dispatch as in training
-        T, k = topk.shape
-        flat = topk.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n).tolist()
-        token = order // k
-        outs = []
-        for e, xe in enumerate(x[token].split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            g, u = (xe @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append((F.silu(g) * u) @ self.down_proj[e])
-        ys = torch.cat(outs) if outs else x[token]
-        w = gates.reshape(-1)[order].unsqueeze(1)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys.float() * w).to(x.dtype)
+    def forward(self, x, topk, gates):  # x [T, d] -> [T, d]; the training model's dropless dispatch (core)
+        def experts(rows, counts):  # rows [N, d] sorted by expert -> [N, d]: two grouped GEMMs
+            return grouped_swiglu(rows, counts, self.gate_up_proj, self.down_proj, grouped_mm_align(rows))
+
+        return dropless_moe(x, topk, gates, self.n, experts)
 
 
 class LoopMoESparseMoE(nn.Module):

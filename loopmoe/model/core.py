@@ -182,3 +182,68 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] logits -> [...] entropy of softmax in nats (fp32)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+
+# ---------------------------------------------------------------------------------------------------
+# Routed experts: dropless index dispatch and grouped-GEMM SwiGLU (training model and export)
+
+
+def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] int64 occurrences of each expert in ``idx``. (``torch.bincount`` on CUDA reads the maximum
+    back to the host to size its output: a synchronisation per layer; a scatter-add does not.)"""
+    flat = idx.reshape(-1).long()
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def sort_by_expert(topk: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk [T, k] -> (order [T*k]: token-slots grouped by expert, token order inside a group (stable),
+    counts [E] slots per expert)."""
+    flat = topk.reshape(-1)  # [T*k] expert of each token-slot
+    return flat.argsort(stable=True), count_per_expert(flat, n_experts)
+
+
+def combine_experts(x: torch.Tensor, token: torch.Tensor, ys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Scatter-add the expert outputs ys [N, d] of source tokens ``token`` [N], weighted by w [N] (fp32),
+    back to [T, d] = x's shape, in fp32, cast to x's dtype."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, ys.float() * w.unsqueeze(1)).to(x.dtype)
+
+
+def dropless_moe(x: torch.Tensor, topk: torch.Tensor, gates: torch.Tensor, n_experts: int, experts) -> torch.Tensor:
+    """x [T, d], topk/gates [T, k] -> [T, d]; ``experts(rows [N, d] sorted by expert, counts [E]) -> [N, d]``."""
+    k = topk.shape[1]
+    order, counts = sort_by_expert(topk, n_experts)
+    token = order // k  # [N] source token of every slot
+    return combine_experts(x, token, experts(x[token], counts), gates.reshape(-1)[order])
+
+
+def grouped_mm_align(x: torch.Tensor) -> int:
+    """Rows per group alignment for ``grouped_swiglu``: Hopper's grouped GEMM (TMA) wants each group to
+    start at a 16-byte boundary (8 bf16 rows; torchtitan pads the same way); the CPU kernel does not."""
+    return 16 // x.element_size() if x.is_cuda else 1
+
+
+def group_rows(x: torch.Tensor, counts: torch.Tensor, align: int):
+    """Lay the rows of x [N, d] (sorted by expert, counts [E]) out with every group padded to a
+    multiple of ``align`` rows (zero rows), in a buffer of the static size N + E*(align-1) -- an upper
+    bound known without reading ``counts`` on the host. The last group absorbs the slack, so every row
+    of the buffer belongs to a group (no uninitialised rows reach the backward) and shapes do not
+    depend on the routing. Returns (buffer [n_pad, d], pos [N] row of each x row in it, sizes [E]
+    rows per group, summing to n_pad). ``align=1``: no padding (pos = arange)."""
+    N, E = x.shape[0], counts.numel()
+    n_pad = N + E * (align - 1)
+    padded = (counts + align - 1) // align * align  # [E] rows per group after padding
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] padded start - start
+    pos = torch.arange(N, device=x.device) + shift.repeat_interleave(counts, output_size=N)  # [N]
+    padded[-1] += n_pad - N - (padded - counts).sum()  # slack rows to the last group
+    return x.new_zeros(n_pad, x.shape[1]).index_copy(0, pos, x), pos, padded
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   align: int = 1) -> torch.Tensor:
+    """SwiGLU experts on rows grouped by expert: x [N, d], counts [E] -> [N, d]; w1 [E, d, 2h], w2 [E, h, d].
+    Two grouped GEMMs on the padded layout of ``group_rows``; group ends stay on the device."""
+    xp, pos, sizes = group_rows(x, counts, align)  # xp [n_pad, d]
+    offs = sizes.cumsum(0).to(torch.int32)  # [E] group ends, the last == n_pad
+    g, u = F.grouped_mm(xp, w1, offs=offs).chunk(2, dim=-1)  # [n_pad, h] each
+    yp = F.grouped_mm(F.silu(g) * u, w2, offs=offs)  # [n_pad, d]
+    return yp.index_select(0, pos)  # [N, d]

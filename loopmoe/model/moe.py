@@ -34,14 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopmoe.model import core
+from loopmoe.model.core import count_per_expert, group_rows, grouped_swiglu  # noqa: F401  (the maths lives in core)
 from loopmoe.model.recompute import is_recomputing
 
 
-def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[E] int64 occurrences of each expert in ``idx``. (``torch.bincount`` on CUDA reads the maximum
-    back to the host to size its output: a synchronisation per layer; a scatter-add does not.)"""
-    flat = idx.reshape(-1).long()
-    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @dataclass
@@ -136,39 +132,12 @@ class Experts(nn.Module):
         at a 16-byte boundary (8 bf16 rows; torchtitan pads the same way); the CPU kernel does not."""
         if self.align is not None:  # set by tests to exercise the padding on the CPU
             return self.align
-        return 16 // x.element_size() if x.is_cuda else 1
+        return core.grouped_mm_align(x)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [E_local, C, d] (capacity buffer) -> [E_local, C, d]."""
         g, u = torch.bmm(x, self.w1).chunk(2, dim=-1)
         return torch.bmm(F.silu(g) * u, self.w2)
-
-
-def group_rows(x: torch.Tensor, counts: torch.Tensor, align: int):
-    """Lay the rows of x [N, d] (sorted by expert, counts [E]) out with every group padded to a
-    multiple of ``align`` rows (zero rows), in a buffer of the static size N + E*(align-1) -- an upper
-    bound known without reading ``counts`` on the host. The last group absorbs the slack, so every row
-    of the buffer belongs to a group (no uninitialised rows reach the backward) and shapes do not
-    depend on the routing. Returns (buffer [n_pad, d], pos [N] row of each x row in it, sizes [E]
-    rows per group, summing to n_pad). ``align=1``: no padding (pos = arange)."""
-    N, E = x.shape[0], counts.numel()
-    n_pad = N + E * (align - 1)
-    padded = (counts + align - 1) // align * align  # [E] rows per group after padding
-    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] padded start - start
-    pos = torch.arange(N, device=x.device) + shift.repeat_interleave(counts, output_size=N)  # [N]
-    padded[-1] += n_pad - N - (padded - counts).sum()  # slack rows to the last group
-    return x.new_zeros(n_pad, x.shape[1]).index_copy(0, pos, x), pos, padded
-
-
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   align: int = 1) -> torch.Tensor:
-    """SwiGLU experts on rows grouped by expert: x [N, d], counts [E] -> [N, d]; w1 [E, d, 2h], w2 [E, h, d].
-    Two grouped GEMMs on the padded layout of ``group_rows``; group ends stay on the device."""
-    xp, pos, sizes = group_rows(x, counts, align)  # xp [n_pad, d]
-    offs = sizes.cumsum(0).to(torch.int32)  # [E] group ends, the last == n_pad
-    g, u = F.grouped_mm(xp, w1, offs=offs).chunk(2, dim=-1)  # [n_pad, h] each
-    yp = F.grouped_mm(F.silu(g) * u, w2, offs=offs)  # [n_pad, d]
-    return yp.index_select(0, pos)  # [N, d]
 
 
 class SwiGLU(nn.Module):
@@ -224,12 +193,10 @@ class MoE(nn.Module):
 
     def _index(self, x: torch.Tensor, topk: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         T, k = topk.shape
-        flat = topk.reshape(-1)  # [T*k] expert of each token-slot
-        order = flat.argsort(stable=True)  # slots grouped by expert, token order inside a group
-        counts = count_per_expert(flat, self.n_experts)  # [E]
+        order, counts = core.sort_by_expert(topk, self.n_experts)  # [T*k] slots by expert, [E]
         if self.capacity_factor > 0:
             starts = counts.cumsum(0) - counts  # first sorted position of each expert
-            slot = torch.arange(T * k, device=flat.device)
+            slot = torch.arange(T * k, device=topk.device)
             rank_in_expert = slot - starts.repeat_interleave(counts, output_size=T * k)
             keep = rank_in_expert < self.capacity(T)  # order[keep]: a host sync (the kept count)
             order, counts = order[keep], counts.clamp(max=self.capacity(T))
@@ -239,9 +206,7 @@ class MoE(nn.Module):
             ys = run_experts(self.experts, xs, counts, self.ep_size, self.ep_group)
         else:
             ys = self.experts(xs, counts)  # [N, d]
-        w = gates.reshape(-1)[order].unsqueeze(1)  # [N, 1] fp32
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys.float() * w).to(x.dtype)  # [T, d]
+        return core.combine_experts(x, token, ys, gates.reshape(-1)[order])  # [T, d]
 
     def _einsum(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         from deepspeed.moe.sharded_moe import einsum, topkgating
