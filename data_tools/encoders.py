@@ -44,6 +44,7 @@ from loopmoe.tokenizer_json import (  # noqa: F401  (shared with training: one d
     is_tokenizer_json,
     load_hf_tokenizer,
     special_tokens,
+    tokenizer_file,
 )
 
 MAX_CACHE = 2 << 20  # cached chunks per process (~300 MB); cleared when full
@@ -91,8 +92,7 @@ class Encoder:
 def open_tokenizer(path: str, append_eod: bool, eod_token: str | None = None,
                    add_special_tokens: bool = False) -> Encoder:
     """Load and check the tokenizer at ``path``; every problem is a DataToolError saying the fix."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        path = os.path.join(path, "tokenizer.json")
+    path = tokenizer_file(path)
     if not os.path.isfile(path):
         raise DataToolError(f"--tokenizer-model {path!r}: no such file; give a sentencepiece .model (train one "
                             f"with python data_tools/train_tokenizer.py) or a Hugging Face tokenizer.json")

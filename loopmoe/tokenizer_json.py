@@ -15,6 +15,13 @@ class TokenizerFileError(ValueError):
     """A tokenizer file cannot be used; the message names the file and the fix."""
 
 
+def tokenizer_file(path: str) -> str:
+    """A folder holding a tokenizer.json (a Hugging Face model folder) means that file; else ``path``."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return os.path.join(path, "tokenizer.json")
+    return path
+
+
 def is_tokenizer_json(path: str) -> bool:
     """A Hugging Face tokenizer.json (a JSON object) rather than a sentencepiece model (a protobuf)."""
     with open(path, "rb") as f:

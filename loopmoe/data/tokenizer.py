@@ -136,8 +136,9 @@ def load_tokenizer(
     if model_path:
         if vocab_size is not None or eod is not None:
             raise ValueError("load_tokenizer: give either model_path or vocab_size/eod, not both")
-        if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "tokenizer.json")):
-            model_path = os.path.join(model_path, "tokenizer.json")
+        from loopmoe.tokenizer_json import tokenizer_file
+
+        model_path = tokenizer_file(model_path)
         if not os.path.isfile(model_path):
             raise ValueError(f"{model_path}: tokenizer not found (a sentencepiece .model or a tokenizer.json); "
                              f"check data.tokenizer_model")
