@@ -386,7 +386,11 @@ def test_interrupted_run_leaves_no_valid_output(tmp_path, tokenizer, big_input, 
     proc = subprocess.Popen([sys.executable, SCRIPT, "--input", big_input, "--tokenizer-model", tokenizer,
                              "--output-prefix", str(out / "x"), "--append-eod", "--workers", workers,
                              "--batch-size", "16", "--log-interval", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            # a test runner started in the background (nohup, `cmd &`) passes SIGINT down
+                            # ignored, and Python then installs no Ctrl-C handler: give the run a terminal's
+                            # default disposition, as a user's shell would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     capacity = fcntl.fcntl(proc.stderr.fileno(), 1031, 4096)  # F_SETPIPE_SZ: one page (~45 lines)
 
     def pending() -> int:  # bytes written to stderr and not read
