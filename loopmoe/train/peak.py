@@ -56,10 +56,14 @@ def measure_cpu_peak(n: int = 1024, min_reps: int = 3, budget_s: float = 0.2) ->
     return 2.0 * n**3 / best / 1e12
 
 
-def resolve_peak(stated: float, precision: str) -> Peak:
+def resolve_peak(stated: float, precision: str, device: str | None = None) -> Peak:
+    """The stated peak, else the chip's by name on a GPU, else the CPU's, measured. ``device``: "cuda" or
+    "cpu"; default: the GPU when one is visible."""
     if stated > 0:
         return Peak(stated, "logging.peak_tflops")
-    if torch.cuda.is_available():
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
         return gpu_peak(torch.cuda.get_device_name(), precision)
     threads = torch.get_num_threads()
     tflops = measure_cpu_peak()
