@@ -165,6 +165,17 @@ class Result:
     text_bytes: int = 0  # UTF-8 bytes of the tokenised text
     error: str | None = None  # a bad line when not skipping: the run stops with this message
 
+    def bad_row(self, note: str, error: str, skip: bool) -> bool:
+        """A row that cannot be used: with ``skip`` counted (and noted, up to MAX_BAD_LINE_NOTES) and
+        skipped; else the run stops with ``error``. True when the task must stop."""
+        if not skip:
+            self.error = error
+            return True
+        self.bad += 1
+        if len(self.bad_notes) < MAX_BAD_LINE_NOTES:
+            self.bad_notes.append(note)
+        return False
+
 
 _worker: dict = {}  # this process's tokenizer and settings, set once by init_worker
 
@@ -212,24 +223,16 @@ def encode_task(task: Task) -> Result:
             bad_key = next((k for k, v in zip(keys, values) if not isinstance(v, str)), None)
             if bad_key is not None:
                 msg = f"{task.path}: row {where}: column {bad_key!r} is null (rows count from 0)"
-                if not w["skip_bad"]:
-                    res.error = msg + "; drop such rows or pass --skip-bad-lines to skip them"
+                if res.bad_row(msg, msg + "; drop such rows or pass --skip-bad-lines to skip them", w["skip_bad"]):
                     return res
-                res.bad += 1
-                if len(res.bad_notes) < MAX_BAD_LINE_NOTES:
-                    res.bad_notes.append(msg)
                 continue
         elif task.fmt == "text":
             try:
                 values = [raw.decode("utf-8")]
             except UnicodeDecodeError as e:
                 msg = f"{task.path}: not valid UTF-8 at byte {e.start}; re-encode the file as UTF-8"
-                if not w["skip_bad"]:
-                    res.error = msg + " (or pass --skip-bad-lines to skip it)"
+                if res.bad_row(msg, msg + " (or pass --skip-bad-lines to skip it)", w["skip_bad"]):
                     return res
-                res.bad += 1
-                if len(res.bad_notes) < MAX_BAD_LINE_NOTES:
-                    res.bad_notes.append(msg)
                 continue
         else:
             if not raw.strip():
@@ -237,12 +240,8 @@ def encode_task(task: Task) -> Result:
             try:
                 values = json_fields(raw, keys)
             except BadLine as e:
-                if not w["skip_bad"]:
-                    res.error = bad_line_message(task.path, where, e)
+                if res.bad_row(f"{task.path}:{where}: {e}", bad_line_message(task.path, where, e), w["skip_bad"]):
                     return res
-                res.bad += 1
-                if len(res.bad_notes) < MAX_BAD_LINE_NOTES:
-                    res.bad_notes.append(f"{task.path}:{where}: {e}")
                 continue
         for column, value in zip(columns, values):
             column.append(value)

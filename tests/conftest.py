@@ -99,3 +99,37 @@ def cpu_peak_bytes(fn) -> tuple[int, int, int]:
         live += n
         peak, low = max(peak, live), min(low, live)
     return peak, live, low
+
+
+def ep_worker(checks, ep: int = 2) -> None:
+    """The body of an expert-parallel torchrun worker: a gloo world, megatron's groups, DeepSpeed's expert
+    groups from the one constructor (the model only looks them up), ``checks(rank)``, then the orderly
+    shutdown once the layers (which hold the expert group) are gone (see distributed.shutdown)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from loopmoe.parallel.distributed import shutdown
+    from loopmoe.parallel.groups import create_expert_groups
+
+    dist.init_process_group("gloo")
+    ps.initialize_model_parallel(1, 1)
+    create_expert_groups(ep)
+    checks(dist.get_rank())
+    shutdown()
+
+
+def assert_grads_match_one_process(model, ref_grads: dict, rank: int, tp: int, msg: str = "") -> None:
+    """Every gradient of a TP (optionally sequence-parallel) ``model`` equals the one-process ``ref_grads``:
+    a TP-split weight's gradient is this rank's slice of the full one; a sequence-parallel parameter's is
+    summed over the TP group first (each rank saw a sequence shard)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    for n, p in model.named_parameters():
+        g, want = p.grad, ref_grads[n]
+        if getattr(p, "tensor_model_parallel", False):  # this rank's slice of the full weight
+            want = want.chunk(tp, dim=p.partition_dim)[rank]
+        elif getattr(p, "sequence_parallel", False):  # grads of a sequence shard: sum over TP
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"{n} {msg}")

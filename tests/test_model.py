@@ -245,6 +245,7 @@ def test_tp2_and_sequence_parallel_equal_tp1():  # ~10 s on 2 CPU cores
 
 def _tp_worker():
     import torch.distributed as dist
+    from conftest import assert_grads_match_one_process
     from megatron.core import parallel_state as ps
 
     dist.init_process_group("gloo")
@@ -283,13 +284,7 @@ def _tp_worker():
         m, out = run(sp)
         torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out.lm_loss, ref_out.lm_loss)
-        for n, p in m.named_parameters():
-            g, want = p.grad, ref_grads[n]
-            if getattr(p, "tensor_model_parallel", False):  # this rank's slice of the full weight
-                want = want.chunk(2, dim=p.partition_dim)[rank]
-            elif getattr(p, "sequence_parallel", False):  # grads of a sequence shard: sum over TP
-                dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"{n} sp={sp}")
+        assert_grads_match_one_process(m, ref_grads, rank, tp=2, msg=f"sp={sp}")
         assert sp == any(getattr(p, "sequence_parallel", False) for p in m.parameters())
         for blk, ref_blk in zip(m.layers, ref.layers):
             torch.testing.assert_close(blk.ffn.router.bias, ref_blk.ffn.router.bias)

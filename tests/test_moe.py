@@ -214,17 +214,9 @@ def test_ep2_equals_single_process():  # ~11 s on 2 CPU cores
 
 
 def _ep_worker():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from conftest import ep_worker
 
-    from loopmoe.parallel.distributed import shutdown
-    from loopmoe.parallel.groups import create_expert_groups
-
-    dist.init_process_group("gloo")
-    ps.initialize_model_parallel(1, 1)
-    create_expert_groups(2)  # the one constructor of the MoE's expert groups (the model only looks them up)
-    _ep_checks(dist.get_rank())
-    shutdown()  # once the layers (which hold the expert group) are gone: see distributed.shutdown
+    ep_worker(_ep_checks)
 
 
 def _ep_checks(rank: int):

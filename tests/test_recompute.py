@@ -212,6 +212,7 @@ def _layouts_worker(out_path: str) -> None:
 
 def _tp_worker():
     import torch.distributed as dist
+    from conftest import assert_grads_match_one_process
     from megatron.core import parallel_state as ps
 
     dist.init_process_group("gloo")
@@ -239,13 +240,7 @@ def _tp_worker():
     for mode in MODES:
         m, out = run(mode, sp=True)
         torch.testing.assert_close(out.lm_loss, ref_out.lm_loss)
-        for n, p in m.named_parameters():
-            g, want = p.grad, ref_grads[n]
-            if getattr(p, "tensor_model_parallel", False):  # this rank's slice of the full weight
-                want = want.chunk(2, dim=p.partition_dim)[rank]
-            elif getattr(p, "sequence_parallel", False):  # grads of a sequence shard: sum over TP
-                dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"{n} {mode}")
+        assert_grads_match_one_process(m, ref_grads, rank, tp=2, msg=f"{mode}")
         for blk, ref_blk in zip(m.layers, ref.layers):
             torch.testing.assert_close(blk.ffn.router.bias, ref_blk.ffn.router.bias)
     print(f"rank {rank}: TP2 recompute OK", flush=True)

@@ -303,7 +303,10 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(tmp_path, t
         # Start it now only once the first run has left the node, and a second later: a requeued job started
         # within the second its previous run ended is killed by slurmd ("Job credential revoked") and FAILS.
         wait_for(lambda: "action=requeue" in job.log and not job.on_node(), 60, "the first run to leave the node")
-        time.sleep(1.5)
+        # slurmd's rule is about wall-clock seconds, not machine speed: start only once the clock has moved
+        # past the second after the one in which the first run was seen gone.
+        left = int(time.time())
+        wait_for(lambda: int(time.time()) >= left + 2, 5, "the clock to pass the first run's end second")
         subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
         wait_for(lambda: "action=done" in job.log, 240, "the resumed run to finish", job)
         job.wait_state(TERMINAL, 60)

@@ -31,6 +31,35 @@ def default_peak_tflops(precision: str, stated: float = 0.0) -> float:
     return peak.tflops
 
 
+def scalars(rec: dict) -> dict[str, float]:
+    """A metrics record as the scalar sinks name it: numbers only, no ``step``, bare names under ``train/``."""
+    return {(k if "/" in k else f"train/{k}"): v for k, v in rec.items()
+            if k != "step" and isinstance(v, (int, float))}
+
+
+class TensorBoardSink:
+    """Scalars of each record under RUN_DIR/tensorboard (names without a section go under ``train/``)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run_dir: str) -> "TensorBoardSink | None":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
+            return None
+        return cls(SummaryWriter(os.path.join(run_dir, "tensorboard")))
+
+    def log(self, rec: dict, step: int) -> None:
+        for name, value in scalars(rec).items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MetricsLogger(Callback):
     priority = 20  # after the callbacks that record metrics (validation), before the checkpoint
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
@@ -40,15 +69,9 @@ class MetricsLogger(Callback):
         self.flops_per_token = train_flops_per_token
         self.peak = peak_tflops
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-        self.tb = None
-        if self.is_main and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except ImportError:
-                log.warning("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
-        self.sinks = sinks or []  # more scalar sinks with .log(record, step) and .close() (W&B)
+        # scalar sinks beside metrics.jsonl, each with .log(record, step) and .close(): TensorBoard, W&B
+        tb = TensorBoardSink.open(run_dir) if self.is_main and tensorboard else None
+        self.sinks = ([tb] if tb is not None else []) + list(sinks or [])
         self.bar = None
         self.want_bar = progress_bar and self.is_main and sys.stderr.isatty()
         self._interval_tokens = 0.0
@@ -90,10 +113,6 @@ class MetricsLogger(Callback):
             return
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
         for sink in self.sinks:
             sink.log(rec, step)
         line = (f"step {step:>6}/{trainer.cfg.train.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
@@ -115,7 +134,5 @@ class MetricsLogger(Callback):
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
         for sink in self.sinks:
             sink.close()

@@ -14,6 +14,7 @@ import secrets
 import string
 
 from loopmoe.config import Config, ConfigError, to_dict
+from loopmoe.train.callbacks.metrics import scalars
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class WandbSink:
                  self.run.settings.mode, self.run.dir)
 
     def log(self, rec: dict, step: int) -> None:
-        scalars = {(k if "/" in k else f"train/{k}"): v for k, v in rec.items()
-                   if k != "step" and isinstance(v, (int, float))}
-        self.run.log(scalars, step=step)
+        self.run.log(scalars(rec), step=step)
 
     def close(self) -> None:
         self.run.finish()
