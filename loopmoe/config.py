@@ -61,6 +61,7 @@ class ModelConfig:
     adaln: Literal["both", "iter", "token", "none"] = "both"  # IterAdaLN signals: iteration, token state, both, none
     adaln_rank: int = 64  # IterAdaLN low-rank width r
     adaln_gate: Literal["one_plus", "zero"] = "one_plus"  # x + (1+g)*f(..) or adaLN-Zero x + g*f(..)
+    adaln_init: Literal["unit", "small"] = "unit"  # W_h and the iteration MLP: std 1/sqrt(fan_in), or init_std
     input_reinjection: bool = False  # add the loop's input state back at every iteration
     exit_loss_weights: list[float] = field(default_factory=list)  # aux LM losses at exits 1..R-1
     linear_backend: Literal["megatron", "te", "torch"] = "megatron"  # linear layers: megatron-core TP linears, Transformer Engine, or plain torch (loopmoe/model/layers.py)
@@ -98,6 +99,8 @@ class OptimConfig:
     lr: float = 3e-4  # peak learning rate, reached after warmup_steps
     min_lr: float = 3e-5  # final learning rate of the decay
     weight_decay: float = 0.1  # AdamW decoupled weight decay (not on norms, biases, embeddings, IterAdaLN)
+    adaln_lr_scale: float = 1.0  # IterAdaLN parameters train at lr x this (their own param group when != 1)
+    adaln_weight_decay: float = 0.0  # weight decay of the IterAdaLN matrices (their own group when != 0)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon

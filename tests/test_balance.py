@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import psutil
 import pytest
@@ -100,12 +101,23 @@ def test_solver_reproduces_presets(ref, cand):
         assert getattr(sol.cfg, key) == getattr(tgt, key), key
 
 
-def test_solver_reproduces_tiny_vanilla():
+def test_tiny_twins_are_matched_within_one_percent_measured():
+    """The tiny pair the toy comparison trains (configs/tiny_loopmoe.yaml vs tiny_vanilla.yaml, found by
+    scripts/search_tiny_twins.py) passes all four checks on the built models; the dense pair holds the
+    FLOPs (C = 6 N D, loop layers counted at every pass) within 1% and differs in parameters by design."""
+    c = balance.compare(preset("tiny_vanilla"), preset("tiny_loopmoe"))
+    assert c.ok, c.table()
+    d = balance.compare(preset("tiny_dense"), preset("tiny_dense_loop")).as_dict()  # dense: the reference
+    assert abs(d["flops_per_token"]["rel"]) < 0.01 and d["total_params"]["rel"] < -0.1, d
+
+
+def test_solver_derives_the_tiny_vanilla_widths_from_the_loop_side():
+    """6 executed layers -> 4: the solver scales heads and expert width by 3/2 from tiny_loopmoe (the
+    IterAdaLN FLOPs it cannot mirror are why the committed twin was found by a wider search)."""
     src, tgt = preset("tiny_loopmoe").model, preset("tiny_vanilla").model
-    sol = solve(src, Layout.parse("4"), Constraints(expert_multiple=1, width_multiple=16), template=tgt)
-    for key in balance.MODEL_KEYS:
-        if key not in ("adaln", "adaln_rank"):  # no loop: IterAdaLN options are irrelevant
-            assert getattr(sol.cfg, key) == getattr(tgt, key), key
+    sol = solve(src, Layout.parse("4"), Constraints(expert_multiple=1, width_multiple=4), template=tgt)
+    assert sol.scale == Fraction(3, 2) and sol.cfg.n_heads == 12 and sol.cfg.n_executed_layers == 4
+    assert sol.ideal["width"] == 156  # 104 x 3/2, before rounding
 
 
 @pytest.mark.parametrize("ref", ["vanilla_3b", "vanilla_9b"])

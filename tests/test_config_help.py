@@ -54,7 +54,7 @@ def test_print_config_is_commented_yaml_that_loads_back_equal():
                                                     "data.tokenizer_model=", "logging.run_dir=runs/x y"])
     text = commented_yaml(cfg)
     assert yaml.safe_load(text) == to_dict(cfg)
-    assert "  n_heads: 4  # query heads" in text.splitlines()
+    assert "  n_heads: 8  # query heads" in text.splitlines()
     out = subprocess.run([sys.executable, "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml",
                           "--print-config", "train.steps=7"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True)

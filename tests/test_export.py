@@ -352,7 +352,7 @@ def build(preset, **over):
 
 
 STOCK = {"llama": ("tiny_dense", {}), "mixtral": ("tiny_vanilla", {"n_shared_experts": 0}),
-         "granitemoeshared": ("tiny_vanilla", {"n_heads": 4, "n_kv_heads": 2})}  # 4 x 32 = d_model
+         "granitemoeshared": ("tiny_vanilla", {"n_heads": 8, "n_kv_heads": 2})}  # 8 x 16 = d_model
 
 
 @pytest.mark.parametrize("arch", list(STOCK))

@@ -67,6 +67,11 @@ def parse_args(argv):
                                                           "--quick: 1)")
     ap.add_argument("--repeats", type=int, help="early-exit timing repeats (default: 3; --quick: 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default: %(default)s)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="training runs at a time, each with --threads threads (default: %(default)s; use the "
+                         "core count divided by --threads)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="stop after training (a later run without it reuses the finished runs and reports)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that are already complete")
     ap.add_argument("--quick", action="store_true", help="smoke run (see the defaults above)")
     args = ap.parse_args(argv)
@@ -85,6 +90,27 @@ def parse_args(argv):
     return args
 
 
+def train_all(args, runs: list[Run], t_start: float, prefix: str, tok: str, vocab: int) -> None:
+    """Train every run, ``--jobs`` subprocesses at a time, in the order given (main models first).
+    An ablation run is skipped when, at its start, the time spent plus its projected time (the mean of
+    the finished runs of its config divided by the jobs in parallel) passes ``--max-minutes``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(r: Run) -> None:
+        if r.model.ablation and args.max_minutes and not complete(r, args.steps):
+            done = [x.wall_s for x in runs if x.wall_s and x.model.config == r.model.config]
+            est = sum(done) / len(done) if done else 0.0
+            if (time.perf_counter() - t_start + est) / 60 > args.max_minutes:
+                r.skipped = f"time budget ({args.max_minutes} min)"
+                log(f"{r.model.name} seed {r.seed}: skipped, {r.skipped}")
+                return
+        train(args, r, prefix, tok, vocab)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for fut in [pool.submit(one, r) for r in runs]:
+            fut.result()  # re-raises a failed run's SystemExit
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -101,16 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [Run(m, s, os.path.join(base, f"{m.name}_seed{s}")) for m in args.model_list for s in args.seed_list]
     runs.sort(key=lambda r: (r.model.ablation, r.seed, args.model_list.index(r.model)))  # main models first
     t_train = time.perf_counter()
-    for r in runs:
-        if r.model.ablation and args.max_minutes and not complete(r, args.steps):
-            done = [x.wall_s for x in runs if x.wall_s and x.model.config == r.model.config]
-            est = sum(done) / len(done) if done else 0.0
-            if (time.perf_counter() - t_start + est) / 60 > args.max_minutes:
-                r.skipped = f"time budget ({args.max_minutes} min)"
-                log(f"{r.model.name} seed {r.seed}: skipped, {r.skipped}")
-                continue
-        train(args, r, prefix, tok, vocab)
+    train_all(args, runs, t_start, prefix, tok, vocab)
     train_s = time.perf_counter() - t_train
+    if args.train_only:
+        log(f"--train-only: {len(runs)} run(s) trained or found in {base} ({train_s / 60:.1f} min)")
+        return 0
 
     # 4-5. evaluation and analysis, in this process, single-threaded
     import torch

@@ -27,11 +27,13 @@ from loopmoe.model import core
 from loopmoe.model.core import modulate, sinusoid  # noqa: F401  (their home is core)
 
 
-def _unit_init(lin: nn.Linear) -> None:
-    """Variance-preserving init (std 1/sqrt(fan_in)): e_k and W_h RMSNorm(x) are O(1), so both signals
-    reach u with comparable weight at any width (with std=init_std=0.02 the iteration signal was
-    ~1e-3 and the iterations stayed almost identical for many steps). Our choice."""
-    nn.init.normal_(lin.weight, 0.0, lin.in_features ** -0.5)
+def _unit_init(lin: nn.Linear, std: float | None = None) -> None:
+    """Variance-preserving init (std 1/sqrt(fan_in), ``adaln_init=unit``, the default): e_k and
+    W_h RMSNorm(x) are O(1), so both signals reach u with comparable weight at any width (with
+    std=init_std=0.02 the iteration signal was ~1e-3 and the iterations stayed almost identical for
+    many steps). ``adaln_init=small`` passes ``std`` = init_std instead (the ablation of issue 17);
+    both draw the same random numbers, so the two inits differ only by a scale."""
+    nn.init.normal_(lin.weight, 0.0, lin.in_features ** -0.5 if std is None else std)
     if lin.bias is not None:
         nn.init.zeros_(lin.bias)
 
@@ -39,13 +41,13 @@ def _unit_init(lin: nn.Linear) -> None:
 class IterEmbed(nn.Module):
     """e_k = MLP_iter(sinusoid(k)) in R^r; one instance, shared by every loop layer (``iter_embed``)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, init_std: float | None = None):
         super().__init__()
         self.freq_dim = 2 * ((rank + 1) // 2)
         self.fc1 = nn.Linear(self.freq_dim, rank)
         self.fc2 = nn.Linear(rank, rank)
-        _unit_init(self.fc1)
-        _unit_init(self.fc2)
+        _unit_init(self.fc1, init_std)
+        _unit_init(self.fc2, init_std)
 
     def forward(self, k: int) -> torch.Tensor:
         return core.iter_embedding(k, self.fc1, self.fc2)  # [r]
@@ -54,7 +56,7 @@ class IterEmbed(nn.Module):
 class IterAdaLN(nn.Module):
     """Per loop layer (``loop.{j}.adaln``): token projection W_h and zero-init modulation W_m, b."""
 
-    def __init__(self, d_model: int, rank: int, mode: str, gate: str, eps: float):
+    def __init__(self, d_model: int, rank: int, mode: str, gate: str, eps: float, init_std: float | None = None):
         super().__init__()
         if mode not in ("both", "iter", "token"):
             raise ValueError(f"IterAdaLN mode {mode!r}: use both, iter or token (or adaln=none: no module)")
@@ -64,7 +66,7 @@ class IterAdaLN(nn.Module):
         if mode in ("both", "token"):
             self.norm = nn.RMSNorm(d_model, eps=eps, elementwise_affine=False)
             self.token = nn.Linear(d_model, rank, bias=False)  # W_h: r x d
-            _unit_init(self.token)
+            _unit_init(self.token, init_std)
         self.mod = nn.Linear(rank, 6 * d_model)  # W_m: 6d x r, b: 6d -- zero-initialised
         nn.init.zeros_(self.mod.weight)
         nn.init.zeros_(self.mod.bias)

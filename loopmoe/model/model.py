@@ -58,7 +58,8 @@ class Block(nn.Module):
             self.ffn = MoE(cfg, lin, out_std, ep_size)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden, lin, cfg.init_std, out_std)
-        self.adaln = (IterAdaLN(cfg.d_model, cfg.adaln_rank, cfg.adaln, cfg.adaln_gate, cfg.norm_eps)
+        small = cfg.init_std if cfg.adaln_init == "small" else None  # None: variance-preserving init
+        self.adaln = (IterAdaLN(cfg.d_model, cfg.adaln_rank, cfg.adaln, cfg.adaln_gate, cfg.norm_eps, small)
                       if adaln else None)
 
     def forward(self, x, rope, e_k=None, forced_topk=None, kv=None, recompute="none"):
@@ -104,7 +105,7 @@ class LoopMoEModel(nn.Module):
         self.prelude = blocks(cfg.n_prelude)
         self.loop = blocks(cfg.n_loop, in_loop=True)
         self.coda = blocks(cfg.n_coda)
-        self.iter_embed = (IterEmbed(cfg.adaln_rank)
+        self.iter_embed = (IterEmbed(cfg.adaln_rank, cfg.init_std if cfg.adaln_init == "small" else None)
                            if cfg.n_loop and cfg.adaln in ("both", "iter") else None)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = lin.column(cfg.d_model, cfg.vocab_size, cfg.init_std, gather_output=True)

@@ -20,17 +20,35 @@ def wants_weight_decay(name: str, param: torch.Tensor) -> bool:
     return not any(k in name for k in _NO_DECAY_KEYS)
 
 
+def is_adaln(name: str) -> bool:
+    """An IterAdaLN parameter: a loop layer's ``adaln`` module or the shared ``iter_embed`` MLP."""
+    return ".adaln." in f".{name}" or name.startswith("iter_embed.")
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Two groups (decay / no decay), then split again into DeepSpeed's MoE groups so that ZeRO
     reduces expert gradients over the expert-data-parallel group only."""
-    decay, no_decay = [], []
+    decay, no_decay, adaln = [], [], []
+    own_adaln = cfg.adaln_lr_scale != 1.0 or cfg.adaln_weight_decay != 0.0  # else: the two usual groups
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if own_adaln and is_adaln(name):
+            adaln.append(p)
+        else:
             (decay if wants_weight_decay(name, p) else no_decay).append(p)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    if adaln:
+        # IterAdaLN's own group (an ablation knob): lr x adaln_lr_scale (the schedule scales each group's
+        # base lr, so the ratio holds at every step); weight decay on its matrices only, never biases.
+        mats = [p for p in adaln if p.ndim >= 2]
+        vecs = [p for p in adaln if p.ndim < 2]
+        groups += [{"name": "adaln", "params": mats, "weight_decay": cfg.adaln_weight_decay,
+                    "lr": cfg.lr * cfg.adaln_lr_scale},
+                   {"name": "adaln_no_decay", "params": vecs, "weight_decay": 0.0, "lr": cfg.lr * cfg.adaln_lr_scale}]
     groups = [g for g in groups if g["params"]]
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
