@@ -51,6 +51,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, help=f"training steps per run (default: {FULL_STEPS}; --quick: 2)")
     ap.add_argument("--seeds", type=int, help="seeds per model, train.seed = 1..N (default: 2; --quick: 1)")
+    ap.add_argument("--ablation-seeds", type=int, help="seeds per ablation model (default: as --seeds)")
     ap.add_argument("--models", help="comma-separated subset of: " + ", ".join(m.name for m in MODELS)
                     + " (default: all; --quick: loopmoe,vanilla)")
     ap.add_argument("--no-ablations", action="store_true", help="skip the IterAdaLN ablations")
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f"model.vocab_size={vocab}", *args.set]
     match = matching(extra)
     base = os.path.join(args.runs, f"s{args.steps}")
-    runs = [Run(m, s, os.path.join(base, f"{m.name}_seed{s}")) for m in args.model_list for s in args.seed_list]
+    n_abl = args.ablation_seeds or len(args.seed_list)
+    runs = [Run(m, s, os.path.join(base, f"{m.name}_seed{s}")) for m in args.model_list
+            for s in (args.seed_list[:n_abl] if m.ablation else args.seed_list)]
     runs.sort(key=lambda r: (r.model.ablation, r.seed, args.model_list.index(r.model)))  # main models first
     t_train = time.perf_counter()
     train_all(args, runs, t_start, prefix, tok, vocab)

@@ -33,6 +33,14 @@ MODELS = [
     Model("adaln_none", "configs/tiny_loopmoe.yaml", ("model.adaln=none",), "LoopMoE, no IterAdaLN", True),
     Model("adaln_iter", "configs/tiny_loopmoe.yaml", ("model.adaln=iter",), "LoopMoE, IterAdaLN iter only", True),
     Model("adaln_token", "configs/tiny_loopmoe.yaml", ("model.adaln=token",), "LoopMoE, IterAdaLN token only", True),
+    # why IterAdaLN hurt at 200 steps (issue 17): the init of W_h / the iteration MLP, the gate form, rank, lr
+    Model("adaln_small", "configs/tiny_loopmoe.yaml", ("model.adaln_init=small",),
+          "LoopMoE, IterAdaLN small init (std 0.02)", True),
+    Model("adaln_zero_gate", "configs/tiny_loopmoe.yaml", ("model.adaln_gate=zero",),
+          "LoopMoE, IterAdaLN adaLN-Zero gate", True),
+    Model("adaln_rank4", "configs/tiny_loopmoe.yaml", ("model.adaln_rank=4",), "LoopMoE, IterAdaLN rank 4", True),
+    Model("adaln_lr03", "configs/tiny_loopmoe.yaml", ("optim.adaln_lr_scale=0.3",),
+          "LoopMoE, IterAdaLN lr x 0.3", True),
 ]
 BY_NAME = {m.name: m for m in MODELS}
 FULL_STEPS = 800
