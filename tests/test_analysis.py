@@ -321,3 +321,35 @@ def test_compare_quick(tiny_run, tmp_path):
         assert (out / png).stat().st_size > 0, png
     res = json.load(open(out / "toy_comparison.json"))
     assert res["runs"][0]["heldout"]["loss"] > 0 and "loss_exit1" in res["runs"][0]["heldout"]
+
+
+def test_ppl_at_saved_interpolates_in_loss_and_refuses_to_extrapolate():
+    from loopmoe.experiments.sparse_layers import ppl_at_saved
+
+    rows = [{"net_saved": 0.0, "loss": 2.0}, {"net_saved": 0.4, "loss": 3.0}, {"net_saved": 0.2, "loss": 2.2}]
+    assert ppl_at_saved(rows, 0.1) == pytest.approx(math.exp(2.1))
+    assert ppl_at_saved(rows, 0.3) == pytest.approx(math.exp(2.6))
+    assert math.isnan(ppl_at_saved(rows, 0.5)) and math.isnan(ppl_at_saved(rows, -0.1))
+
+
+@pytest.mark.slow
+def test_compare_sparse_layers_suite_quick(tiny_run, tmp_path):
+    """The Sparse-Layers suite in one command: its four models train (2 steps), and the page has the loss
+    table, the looping penalties, the exit table and the routing classes of Looped-MoE."""
+    from loopmoe.experiments import compare
+
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    small = ["model.d_model=64", "model.head_dim=16", "model.expert_hidden=32", "data.seq_len=64",
+             "train.micro_batch=4", "optim.warmup_steps=1"]
+    rc = compare.main(["--suite", "sparse_layers", "--quick", "--data", tiny_run["prefix"], "--tokenizer",
+                       tiny_run["tok"], "--runs", str(runs), "--out", str(out), *[f"--set={s}" for s in small]])
+    assert rc == 0
+    md = (out / "sparse_layers.md").read_text()
+    for name in ("Base (16 dense layers)", "MoE (16 layers, top-2 of 8)", "Looped (8 dense x 2)",
+                 "Looped-MoE (8 MoE x 2)", "Looped - Base", "Looped-MoE - MoE", "30% saved", "disjoint"):
+        assert name in md, name
+    res = json.load(open(out / "sparse_layers.json"))
+    assert set(res["exits"]) == {"sl_base", "sl_moe", "sl_looped", "sl_looped_moe"}
+    assert len(res["routing"]["sl_looped_moe"]["layers"]) == 8  # one row per loop layer
+    cfgs = {r: json.load(open(runs / "sparse_layers_s2" / f"{r}_seed1" / "compare_run.json"))["cmd"] for r in res["exits"]}
+    assert "model.n_loop=8" in cfgs["sl_looped_moe"] and "model.adaln=none" in cfgs["sl_looped_moe"]

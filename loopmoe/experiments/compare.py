@@ -40,15 +40,20 @@ import sys
 import time
 
 from loopmoe.experiments.report import report
+from loopmoe.experiments.sparse_layers import DEFAULT_STEPS as SL_STEPS
 from loopmoe.experiments.runs import (BY_NAME, FULL_STEPS, MODELS, ROOT, Run, complete, curves,  # noqa: F401
                                       ensure_demo_data, heldout, load_model_config, log, matching, tokenizer_vocab,
-                                      train)
+                                      train, train_all)
 
 # ---------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("main", "sparse_layers"), default="main",
+                    help="main: LoopMoE vs its twins and the IterAdaLN ablations (docs/results/toy_comparison.md); "
+                         "sparse_layers: Base / MoE / Looped / Looped-MoE as in arXiv 2605.09165 "
+                         "(docs/results/sparse_layers.md; loopmoe/experiments/sparse_layers.py)")
     ap.add_argument("--steps", type=int, help=f"training steps per run (default: {FULL_STEPS}; --quick: 2)")
     ap.add_argument("--seeds", type=int, help="seeds per model, train.seed = 1..N (default: 2; --quick: 1)")
     ap.add_argument("--ablation-seeds", type=int, help="seeds per ablation model (default: as --seeds)")
@@ -76,12 +81,16 @@ def parse_args(argv):
     ap.add_argument("--fresh", action="store_true", help="retrain runs that are already complete")
     ap.add_argument("--quick", action="store_true", help="smoke run (see the defaults above)")
     args = ap.parse_args(argv)
-    q = args.quick
-    args.steps = args.steps or (2 if q else FULL_STEPS)
-    args.seed_list = list(range(1, (args.seeds or (1 if q else 2)) + 1))
+    q, suite = args.quick, args.suite == "sparse_layers"
+    args.steps = args.steps or (2 if q else SL_STEPS if suite else FULL_STEPS)
+    args.seed_list = list(range(1, (args.seeds or (1 if q or suite else 2)) + 1))
     args.eval_batches = args.eval_batches or (2 if q else 16)
     args.analysis_batches = min(args.analysis_batches or (1 if q else 8), args.eval_batches)
     args.repeats = args.repeats or (1 if q else 3)
+    if suite:
+        args.model_list = []
+        args.out = args.out or (os.path.join(args.runs, "quick_results") if q else os.path.join(ROOT, "docs", "results"))
+        return args
     names = args.models.split(",") if args.models else (["loopmoe", "vanilla"] if q else [m.name for m in MODELS])
     bad = [n for n in names if n not in BY_NAME]
     if bad:
@@ -89,27 +98,6 @@ def parse_args(argv):
     args.model_list = [BY_NAME[n] for n in names if not (args.no_ablations and BY_NAME[n].ablation)]
     args.out = args.out or (os.path.join(args.runs, "quick_results") if q else os.path.join(ROOT, "docs", "results"))
     return args
-
-
-def train_all(args, runs: list[Run], t_start: float, prefix: str, tok: str, vocab: int) -> None:
-    """Train every run, ``--jobs`` subprocesses at a time, in the order given (main models first).
-    An ablation run is skipped when, at its start, the time spent plus its projected time (the mean of
-    the finished runs of its config divided by the jobs in parallel) passes ``--max-minutes``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(r: Run) -> None:
-        if r.model.ablation and args.max_minutes and not complete(r, args.steps):
-            done = [x.wall_s for x in runs if x.wall_s and x.model.config == r.model.config]
-            est = sum(done) / len(done) if done else 0.0
-            if (time.perf_counter() - t_start + est) / 60 > args.max_minutes:
-                r.skipped = f"time budget ({args.max_minutes} min)"
-                log(f"{r.model.name} seed {r.seed}: skipped, {r.skipped}")
-                return
-        train(args, r, prefix, tok, vocab)
-
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for fut in [pool.submit(one, r) for r in runs]:
-            fut.result()  # re-raises a failed run's SystemExit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --data needs --tokenizer (the sentencepiece model that made it)")
     prefix, tok = os.path.abspath(prefix), os.path.abspath(tok)
     vocab = tokenizer_vocab(tok)
+    if args.suite == "sparse_layers":
+        from loopmoe.experiments.sparse_layers import run_suite
+
+        return run_suite(args, prefix, tok, vocab, command)
     extra = [f"model.vocab_size={vocab}", *args.set]
     match = matching(extra)
     base = os.path.join(args.runs, f"s{args.steps}")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,6 +167,25 @@ def train(args, run: Run, prefix: str, tok: str, vocab: int) -> None:
                          f"{run.dir}/train.log ends:\n{tail}")
     json.dump({"wall_s": run.wall_s, "cmd": shlex.join(cmd)}, open(info, "w"))
     log(f"{run.model.name} seed {run.seed}: {run.wall_s:.0f} s")
+
+
+def train_all(args, runs: list[Run], t_start: float, prefix: str, tok: str, vocab: int) -> None:
+    """Train every run, ``--jobs`` subprocesses at a time, in the order given (main models first).
+    An ablation run is skipped when, at its start, the time spent plus its projected time (the mean of
+    the finished runs of its config divided by the jobs in parallel) passes ``--max-minutes``."""
+    def one(r: Run) -> None:
+        if r.model.ablation and args.max_minutes and not complete(r, args.steps):
+            done = [x.wall_s for x in runs if x.wall_s and x.model.config == r.model.config]
+            est = sum(done) / len(done) if done else 0.0
+            if (time.perf_counter() - t_start + est) / 60 > args.max_minutes:
+                r.skipped = f"time budget ({args.max_minutes} min)"
+                log(f"{r.model.name} seed {r.seed}: skipped, {r.skipped}")
+                return
+        train(args, r, prefix, tok, vocab)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for fut in [pool.submit(one, r) for r in runs]:
+            fut.result()  # re-raises a failed run's SystemExit
 
 
 def curves(run: Run) -> dict:
