@@ -5,15 +5,34 @@ import math
 import os
 import platform
 
-from loopmoe.experiments.runs import FULL_STEPS, MODELS, ROOT, Run, mean_spread
+from loopmoe.experiments.runs import FULL_STEPS, MODELS, ROOT, Run
 
+# two-sided 95% Student t quantiles by degrees of freedom (a paired difference over n seeds has n - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_sd(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(vals) / len(vals)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
 
 
 def fmt_pm(vals: list[float], digits: int = 4) -> str:
+    """mean ± sample sd over the seeds (just the value for one seed)."""
     if not vals:
         return "n/a"
-    m, s = mean_spread(vals)
+    m, s = mean_sd(vals)
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"
+
+
+def paired_verdict(d: list[float]) -> tuple[float, float, str]:
+    """Per-seed differences -> (mean, 95% half-width, verdict). Resolved = the paired t interval excludes 0;
+    with one seed nothing is resolved."""
+    m, s = mean_sd(d)
+    if len(d) < 2:
+        return m, float("nan"), "one seed: not resolved"
+    hw = T95.get(len(d) - 1, 1.96) * s / math.sqrt(len(d))
+    return m, hw, ("RESOLVED" if abs(m) > hw else "not resolved") + f" (95% paired t, {len(d)} seeds)"
 
 
 def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, command: str) -> str:
@@ -33,7 +52,7 @@ def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, com
           f"the same data order (data.seed fixed) for every model; seeds (train.seed, the initialisation): "
           f"{', '.join(str(s) for s in args.seed_list)}",
           f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
-          f"jobs, runs one at a time with {args.threads} torch thread(s); total wall time "
+          f"jobs, {getattr(args, 'jobs', 1)} run(s) at a time with {args.threads} torch thread(s) each; total wall time "
           f"{timing['total_s'] / 60:.1f} min (training {timing['train_s'] / 60:.1f} min, evaluation and analysis "
           f"{timing['analysis_s'] / 60:.1f} min)",
           f"- held-out: {timing['eval_tokens']:,} tokens ({args.eval_batches} batches) of the test split, the same "
@@ -53,13 +72,14 @@ def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, com
         L += [f"`{p['a']}` (reference) vs `{p['b']}`: " + ("all checked quantities within 1%" if p["ok"] else
               f"NOT within 1% (largest checked gap {100 * p['max_checked_diff']:.2f}%)"), "", "```", p["table"], "```",
               ""]
-    L += ["At this width IterAdaLN (rank 16 at d=128) adds about 4% per-token FLOPs that the non-looped twins "
-          "have no counterpart for (configs/tiny_vanilla.yaml, docs/balance.md); the `adaln_none` pair shows the "
-          "match without it. The dense pair shares layer widths (iso-FLOP apart from IterAdaLN) and cannot match "
-          "parameters as well (configs/tiny_dense.yaml).", ""]
+    L += ["The LoopMoE / Vanilla pair is the one the claim is about (configs/tiny_loopmoe.yaml, tiny_vanilla.yaml, "
+          "found by scripts/search_tiny_twins.py): LoopMoE pays for IterAdaLN's per-token FLOPs with fewer KV heads "
+          "(KV cache an info row). The `adaln_none` ablation removes IterAdaLN and so sits below the pair's FLOPs "
+          "and parameters by IterAdaLN's share. The dense pair is matched the way the Sparse-Layers paper matches "
+          "Base and Looped: FLOPs held fixed (C = 6 N D, looped layers counted at every pass); the parameters and "
+          "the attention:FFN ratio then differ by the amounts shown (configs/tiny_dense.yaml).", ""]
     L += ["## Held-out loss", "",
-          "Mean ± half the seed range (with two seeds: the two values are mean - x and mean + x); per-seed values "
-          "in brackets. 'exit 1' = the looped model's output when it stops after loop iteration 1 "
+          "Mean ± sample standard deviation over the seeds; per-seed values in brackets. 'exit 1' = the looped model's output when it stops after loop iteration 1 "
           "(coda + head on that state).", "",
           "| model | total params | active params | fwd FLOPs / token | held-out loss | per seed | ppl | exit 1 loss "
           "| last train loss | train wall / run |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -77,20 +97,22 @@ def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, com
                  f"[{', '.join(f'{x:.4f}' for x in losses)}] | {math.exp(sum(losses) / len(losses)):.1f} | "
                  f"{fmt_pm(ex) if ex else '-'} | {fmt_pm(last, 3) if last else '-'} | "
                  f"{(sum(walls) / len(walls)) if walls else float('nan'):.0f} s |")
-    L += ["", "Differences (paired by seed; mean ± half-range of the per-seed differences):", ""]
-    for a, b in (("loopmoe", "vanilla"), ("loopmoe", "dense_loop"), ("dense_loop", "dense"), ("vanilla", "dense"),
-                 ("loopmoe", "adaln_none"), ("loopmoe", "adaln_iter"), ("loopmoe", "adaln_token")):
+    L += ["", "Differences, paired by seed (the same initialisation seed and data order): mean, 95% paired-t "
+          "half-width, and whether the interval excludes zero. An ablation trained with fewer seeds is paired with "
+          "the LoopMoE runs of the same seeds.", "",
+          "| difference | mean (nats) | 95% ± | per seed | verdict |", "|---|---|---|---|---|"]
+    pairs = [("loopmoe", "vanilla"), ("loopmoe", "dense_loop"), ("dense_loop", "dense"), ("vanilla", "dense")]
+    pairs += [("loopmoe", m.name) for m in MODELS if m.ablation]
+    for a, b in pairs:
         ra = {r.seed: r.heldout.get("loss") for r in by.get(a, []) if r.heldout}
         rb = {r.seed: r.heldout.get("loss") for r in by.get(b, []) if r.heldout}
         common = sorted(set(ra) & set(rb))
         if not common:
             continue
         d = [ra[s] - rb[s] for s in common]
-        m_, s_ = mean_spread(d)
-        sign = "lower" if m_ < 0 else "higher"
-        clear = ("consistent over the seeds" if len(d) > 1 and (all(x < 0 for x in d) or all(x > 0 for x in d))
-                 else "NOT consistent over the seeds" if len(d) > 1 else "one seed")
-        L.append(f"- `{a}` - `{b}`: {m_:+.4f} ± {s_:.4f} nats ({a} {sign}; {clear})")
+        m_, hw, verdict = paired_verdict(d)
+        hw_s = f"{hw:.4f}" if math.isfinite(hw) else "-"
+        L.append(f"| `{a}` - `{b}` | {m_:+.4f} | {hw_s} | {', '.join(f'{x:+.4f}' for x in d)} | {verdict} |")
     L += ["", "![loss curves](loss_curves.png)", ""]
     rt = analyses.get("routing", {})
     if rt:
@@ -136,8 +158,8 @@ def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, com
     L += ["## Caveats", "",
           "- Tiny models (d=128, 4-6 executed layers, vocabulary 4096) trained for minutes on one CPU thread: the "
           "numbers test the pipeline and show tendencies; they are not evidence about 3B-scale models.",
-          "- Two seeds vary the initialisation only (the data order is the same); the half-range is not a confidence "
-          "interval.",
+          "- Seeds vary the initialisation only (the data order is the same for every run), so the intervals "
+          "describe initialisation noise, not data noise; with 3 seeds a paired t interval is wide (t = 4.30).",
           "- Throughput on a shared machine is noisy; the plain forward is timed interleaved with each exit run, so "
           "compare within a row (the 'vs plain forward' column).", ""]
     return "\n".join(L)
