@@ -311,12 +311,13 @@ def test_compare_quick(tiny_run, tmp_path):
     from loopmoe.experiments import compare
 
     out, runs = tmp_path / "out", tmp_path / "runs"
-    rc = compare.main(["--quick", "--models", "loopmoe", "--data", tiny_run["prefix"], "--tokenizer", tiny_run["tok"],
+    rc = compare.main(["--quick", "--models", "loopmoe,adaln_small", "--data", tiny_run["prefix"], "--tokenizer", tiny_run["tok"],
                        "--runs", str(runs), "--out", str(out), *[f"--set={s}" for s in SMALL]])
     assert rc == 0
     md = (out / "toy_comparison.md").read_text()
     assert "## Matching" in md and "## Held-out loss" in md and "## Routing divergence" in md
     assert "## Early exit" in md and "REDUCED run" in md
+    assert "## IterAdaLN, examined" in md and "`model.adaln_init=small`" in md and "| `adaln_small` | 0 | 1 |" in md
     for png in ("loss_curves.png", "loopmoe_routing.png", "loopmoe_early_exit.png", "loopmoe_logit_lens.png"):
         assert (out / png).stat().st_size > 0, png
     res = json.load(open(out / "toy_comparison.json"))

@@ -99,3 +99,28 @@ def test_adaln_only_in_the_loop_and_shared_iteration_mlp():
     assert m.prelude[0].adaln is None and m.coda[0].adaln is None
     assert not any(n.startswith("iter_embed.") for n, _ in build(adaln="token").named_parameters())
     assert not any(".adaln." in n for n, _ in build(adaln="none").named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["both", "iter"])
+def test_adaln_stats_sees_every_layer_and_iteration_and_separates_token_from_iteration_signal(mode):
+    from loopmoe.analysis.adaln_stats import adaln_stats, markdown
+
+    m = build(adaln=mode).eval()
+    batches = [{"tokens": tokens(seed=s)} for s in (1, 2)]
+    at_init = adaln_stats(m, batches)
+    assert [(r["loop_layer"], r["iteration"]) for r in at_init] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(r["scale_a"] == 0 and r["gate_f"] == 0 for r in at_init)  # W_m, b = 0: no modulation yet
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ".adaln.mod" in name:
+                p.normal_(0, 0.1)
+    rows = adaln_stats(m, batches)
+    assert all(r["scale_a"] > 0 and r["e_rms"] > 0 for r in rows)
+    if mode == "iter":  # one modulation vector per iteration: nothing varies across tokens
+        assert all(r["token_share"] < 1e-6 and "h_rms" not in r for r in rows)
+    else:
+        assert all(r["token_share"] > 0.05 and r["h_rms"] > 0 for r in rows)
+    assert "| `x` | 0 | 1 |" in markdown({"x": rows})
+    x = tokens()
+    torch.testing.assert_close(m(x).logits, m(x).logits)  # hooks removed: forwards unchanged and repeatable
+    assert not any(blk.adaln._forward_hooks for blk in m.loop)

@@ -156,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     ana_b = batches[:args.analysis_batches]
     os.makedirs(args.out, exist_ok=True)
     an_dir = os.path.join(base, "analysis")
-    analyses: dict = {"routing": {}, "early_exit": {}}
+    analyses: dict = {"routing": {}, "early_exit": {}, "adaln": {}}
+    from loopmoe.analysis.adaln_stats import adaln_stats
+
     for r in done:
         model, cfg = load_trained_model(r.ckpt)
+        if cfg.model.adaln != "none" and cfg.model.is_looped and r.seed == args.seed_list[0]:
+            analyses["adaln"][r.model.name] = adaln_stats(model, ana_b)
         if cfg.model.ffn == "moe" and cfg.model.is_looped:
             rep = routing.analyse(model, ana_b)
             analyses["routing"][(r.model.name, r.seed)] = rep
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "heldout": {k: v for k, v in r.heldout.items() if k != "curves"}}
                                       for r in runs],
                              "routing": {f"{k[0]}_seed{k[1]}": v for k, v in analyses["routing"].items()},
+                             "adaln_stats": analyses["adaln"],
                              "early_exit": {k: {kk: vv for kk, vv in v.items() if kk != "logit_lens"}
                                             | {"logit_lens": v["logit_lens"]["boundaries"]}
                                             for k, v in analyses["early_exit"].items()}}), f, indent=1)

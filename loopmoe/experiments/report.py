@@ -114,6 +114,35 @@ def report(args, runs: list[Run], match: dict, analyses: dict, timing: dict, com
         hw_s = f"{hw:.4f}" if math.isfinite(hw) else "-"
         L.append(f"| `{a}` - `{b}` | {m_:+.4f} | {hw_s} | {', '.join(f'{x:+.4f}' for x in d)} | {verdict} |")
     L += ["", "![loss curves](loss_curves.png)", ""]
+    abl = [m for m in MODELS if m.ablation and by.get(m.name)]
+    if abl:
+        L += ["## IterAdaLN, examined", "",
+              "Each variant changes one choice of the default LoopMoE (`model.adaln=both`, variance-preserving "
+              "init of W_h and the iteration MLP, `one_plus` gate, rank 16, the model's lr) and is paired with the "
+              "LoopMoE run of the same seed. Negative = the variant is better.", "",
+              "| variant | change | seeds | held-out loss | minus LoopMoE (same seeds) | exit 1 loss |",
+              "|---|---|---|---|---|---|"]
+        base_l = {r.seed: r.heldout["loss"] for r in by.get("loopmoe", []) if r.heldout}
+        for m in abl:
+            rs = [r for r in by[m.name] if r.heldout]
+            if not rs:
+                continue
+            d = [r.heldout["loss"] - base_l[r.seed] for r in rs if r.seed in base_l]
+            ex = [r.heldout["loss_exit1"] for r in rs if "loss_exit1" in r.heldout]
+            L.append(f"| {m.label} (`{m.name}`) | `{' '.join(m.overrides)}` | {len(rs)} | "
+                     f"{fmt_pm([r.heldout['loss'] for r in rs])} | "
+                     + (f"{sum(d) / len(d):+.4f}" if d else "-") + f" | {fmt_pm(ex) if ex else '-'} |")
+        sd_l = mean_sd(list(base_l.values()))[1] if len(base_l) > 1 else float("nan")
+        L += ["", f"Noise scale: LoopMoE's held-out loss varies by sd {sd_l:.4f} over its {len(base_l)} seeds; a "
+              "one-seed difference smaller than about twice that is not evidence either way.", ""]
+        ad = analyses.get("adaln", {})
+        if ad:
+            from loopmoe.analysis.adaln_stats import markdown as adaln_markdown
+
+            L += ["What the trained modulations look like (first seed, held-out batches; loopmoe/analysis/"
+                  "adaln_stats.py): RMS of the two signals added inside u = SiLU(e_k + W_h RMSNorm(x)), RMS of the "
+                  "scale and gate modulations, and the share of their energy that varies from token to token.", "",
+                  adaln_markdown(ad), ""]
     rt = analyses.get("routing", {})
     if rt:
         L += ["## Routing divergence between loop iterations", "",
