@@ -1,6 +1,6 @@
 """Per-token early exit by read-out entropy in KV-cached decoding, and its teacher-forced quality.
 
-    dec = ExitDecoder(model, threshold=2.0, kv_policy="copy")   # batch size 1
+    dec = ExitDecoder(model, threshold=2.0, kv_policy="propagate")   # batch size 1
     logits = dec.prefill(prompt_ids)                # [1, V]: the prompt runs the full model (all R iterations)
     logits, k = dec.step(next_id[:, None])          # one token; k = loop iterations it ran (1..R)
 
@@ -16,14 +16,17 @@ Skipped iterations' KV entries (``kv_policy``). The cache holds one K/V per (loo
 later tokens running iteration i of layer j attend to every earlier position's entry there, so an exited
 position must leave one. Two policies:
 
-* ``"copy"`` (default): the entries of the skipped iterations i >= k of loop layer j are the K/V that
+* ``"copy"``: the entries of the skipped iterations i >= k of loop layer j are the K/V that
   position computed at its last executed iteration k-1 of the same layer (same position, so the rotary
   phase is right). Zero extra compute.
-* ``"propagate"`` (CALM-style state propagation): from the exited (frozen) state h_k, loop layer j at
+* ``"propagate"`` (default; CALM-style state propagation): from the exited (frozen) state h_k, loop layer j at
   skipped iteration i computes ONLY its K/V: the IterAdaLN modulation of iteration i on h_k, the attention
   norm, the K and V projections and the rotary embedding; no query, attention, FFN or residual update, and
   no input re-injection (the frozen state is not advanced). Costs the ``Costs.kv["loop"]`` FLOPs per
   skipped loop layer. The same approximation as the token mode of loopmoe/analysis/early_exit.py.
+
+"propagate" is the default: on the tiny trained LoopMoE it costs about half the held-out loss of "copy" at
+the same exit rate for a few percent of decode speed (docs/benchmarks/exit_speed.md).
 
 Either way every cache entry has the same length after each step, and later tokens attend to it exactly
 as if the position had run the iteration (the cache is the only state a later token sees).
@@ -78,7 +81,7 @@ class _PeekKV:
 class ExitDecoder:
     """KV-cached decoding, batch size 1, with a per-token entropy exit at the loop boundaries."""
 
-    def __init__(self, model, threshold: float | None, kv_policy: str = "copy"):
+    def __init__(self, model, threshold: float | None, kv_policy: str = "propagate"):
         if kv_policy not in POLICIES:
             raise ValueError(f"kv_policy={kv_policy!r} must be one of {POLICIES}")
         self.model, self.threshold, self.kv_policy = model, threshold, kv_policy
@@ -163,7 +166,7 @@ class ExitDecoder:
 
 @torch.no_grad()
 def teacher_forced(model, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   threshold: float | None = None, kv_policy: str = "copy", exit_after: int | None = None) -> dict:
+                   threshold: float | None = None, kv_policy: str = "propagate", exit_after: int | None = None) -> dict:
     """Held-out CE of decoding ``tokens`` [b, s] position by position with the cache and the exit policy.
 
     ``threshold``: every position of every row goes through ``ExitDecoder.step`` (one row at a time), so
@@ -193,7 +196,7 @@ def teacher_forced(model, tokens: torch.Tensor, labels: torch.Tensor, loss_mask:
     return {"ce_sum": float((ce * mask).sum()), "n": float(mask.sum()), "exit_counts": counts, "logits": logits}
 
 
-def flops_saved(model, exit_frac: list[float], seq_len: int, kv_policy: str | None = "copy",
+def flops_saved(model, exit_frac: list[float], seq_len: int, kv_policy: str | None = "propagate",
                 exit_after: int | None = None) -> dict:
     """FLOPs per token saved vs the full model (flops.py convention at attention context ``seq_len``).
 

@@ -37,7 +37,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              eos_id: int | None = None, use_cache: bool = True, exit_after: int | None = None,
-             seed: int | None = None, exit_threshold: float | None = None, kv_policy: str = "copy",
+             seed: int | None = None, exit_threshold: float | None = None, kv_policy: str = "propagate",
              exits: list | None = None) -> torch.Tensor:
     """prompt_ids [b, s] -> [b, s + n]. With ``exit_after`` = k every token runs only k loop iterations
     (the cache then holds k entries per loop layer, consistently for all positions).
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-after", type=int, help="run only this many loop iterations (early exit at a loop boundary)")
     ap.add_argument("--exit-threshold", type=float, help="per-token exit: stop a token at the first loop boundary "
                     "whose read-out entropy (nats) is <= this (batch 1, with the cache; loopmoe/exit_decoding.py)")
-    ap.add_argument("--kv-policy", default="copy", choices=["copy", "propagate"],
+    ap.add_argument("--kv-policy", default="propagate", choices=["copy", "propagate"],
                     help="with --exit-threshold, the skipped iterations' KV entries: copy the last executed "
                     "iteration's K/V, or propagate (K/V projections from the exited state) (default: %(default)s)")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (for checking)")

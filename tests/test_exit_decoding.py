@@ -197,9 +197,9 @@ def test_teacher_forced_loss_at_threshold_zero_is_the_forward_loss():
 
 def test_flops_saved():
     model = tiny()
-    none = flops_saved(model, [0, 0, 1], 64)
+    none = flops_saved(model, [0, 0, 1], 64, "copy")
     assert none["saved"] < 0  # read-outs at two boundaries, nobody exits: a net loss
-    all1 = flops_saved(model, [1, 0, 0], 64)
+    all1 = flops_saved(model, [1, 0, 0], 64, "copy")
     assert all1["saved"] == pytest.approx(flops_saved(model, [], 64, exit_after=1)["saved"])
     assert flops_saved(model, [], 64, exit_after=3)["saved"] == pytest.approx(0.0)
     prop = flops_saved(model, [0.5, 0.2, 0.3], 64, "propagate")
