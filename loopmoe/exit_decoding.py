@@ -10,7 +10,7 @@ If the entropy (nats) of that distribution is <= ``threshold`` the token stops t
 read-out's, the read-out's coda K/V become the cached coda entries of this position, and iterations
 k+1..R are not run. Otherwise the read-out is discarded (its coda K/V are never stored) and the token
 continues; at iteration R the ordinary coda + head give its logits. ``threshold=None`` never reads out
-(the full model); ``0`` reads out but practically never exits; ``inf`` exits everyone after iteration 1.
+(the full model); ``0`` reads out but exits only at entropy exactly 0 (never, in practice); ``inf`` exits everyone after iteration 1.
 
 Skipped iterations' KV entries (``kv_policy``). The cache holds one K/V per (loop layer j, iteration i);
 later tokens running iteration i of layer j attend to every earlier position's entry there, so an exited
@@ -26,10 +26,13 @@ position must leave one. Two policies:
   skipped loop layer. The same approximation as the token mode of loopmoe/analysis/early_exit.py.
 
 "propagate" is the default: on the tiny trained LoopMoE it costs about half the held-out loss of "copy" at
-the same exit rate for a few percent of decode speed (docs/benchmarks/exit_speed.md).
+the same exit rate (and less than exiting every token) for ~5-12% of decode speed at the same threshold
+(docs/benchmarks/exit_speed.md).
 
-Either way every cache entry has the same length after each step, and later tokens attend to it exactly
-as if the position had run the iteration (the cache is the only state a later token sees).
+Either way every cache entry has the same length after each step, and later tokens attend to the filled
+entries like any others (the cache is all a later token sees of an earlier position), so decoding stays
+consistent: the cached decode equals recomputing the prefix without a cache under the same policy
+(tests/test_exit_decoding.py).
 
 Batch size: the per-token policy runs batch size 1 (a batched version would have to run the rows that
 continue on a compacted batch; not done). A fixed ``exit_after=k`` (every token, any batch) needs no
