@@ -49,7 +49,7 @@ def test_layout_errors_name_the_numbers_and_suggest_a_layout():
         L.validate_layout(_cfg(tp=2), 3)
     with pytest.raises(L.LayoutError, match=r"n_kv_heads=3 \(n_heads=9\) is not divisible by TP=2.*parallel\.tp=1"):
         L.validate_layout(load_config(os.path.join(ROOT, "configs/loopmoe_3b.yaml"), ["parallel.tp=2"]), 8)
-    with pytest.raises(L.LayoutError, match=r"n_experts=8 is not divisible by EP=3"):
+    with pytest.raises(L.LayoutError, match=r"n_experts=14 is not divisible by EP=3"):
         L.validate_layout(_cfg(ep=3), 3)
     with pytest.raises(L.LayoutError, match=r"EP=4 does not divide the data-parallel size DP=2.*parallel\.ep=2"):
         L.validate_layout(_cfg(tp=2, ep=4), 4)
