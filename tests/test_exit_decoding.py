@@ -82,8 +82,18 @@ def test_threshold_inf_is_exit_after_one(policy):
         torch.testing.assert_close(lg, model(tokens, exit_after=1).logits[:, -1], atol=1e-5, rtol=1e-5)
     exits = []
     a = generate(model, tokens[:, :3], 10, exit_threshold=math.inf, kv_policy=policy, exits=exits)
-    assert torch.equal(a, generate(model, tokens[:, :3], 10, exit_after=1))
     assert exits == [model.n_iters] + [1] * 9  # the first new token comes from the (full) prefill
+    # the reference, by hand: the full-depth prefill (so the prompt's coda K/V come from the full state,
+    # unlike generate(exit_after=1), whose prefill stops early too), then exit_after=1 steps on the cache
+    ref_cache, ids = KVCache(), tokens[:, :3]
+    with torch.no_grad():
+        nxt = model(ids, cache=ref_cache).logits[:, -1].argmax(-1)
+        for _ in range(10):
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if ids.shape[1] == 13:
+                break
+            nxt = model(nxt[:, None], cache=ref_cache, exit_after=1).logits[:, -1].argmax(-1)
+    assert torch.equal(a, ids)
 
 
 # ---------------------------------------------------------------------------------------------------
