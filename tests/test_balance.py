@@ -29,7 +29,7 @@ def preset(name: str):
 def test_cli_3b_passes_as_a_command():
     """`python -m loopmoe.balance loopmoe_3b` exits 0 and prints every quantity."""
     proc = subprocess.run([sys.executable, "-m", "loopmoe.balance", "loopmoe_3b"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for label in ("total parameters", "active parameters / token", "forward FLOPs / token",
                   "attention : FFN active ratio", "KV-cache elements / token", "IterAdaLN parameters"):
@@ -77,7 +77,7 @@ def test_cli_fails_on_an_unbalanced_yaml(tmp_path):
     path = tmp_path / "loopmoe_3b_short.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "loopmoe.balance", str(path), "--against", "vanilla_3b"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "FAIL: forward FLOPs / token" in proc.stdout
     assert "not balanced" in proc.stderr

@@ -46,7 +46,7 @@ def train_args(run_dir, data) -> list[str]:
             "train.eval_interval=1000", "checkpoint.interval=1000"]
 
 
-def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+def run(cmd, env, timeout=800) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -104,6 +104,6 @@ def _slurm_idle() -> bool:
 def test_srun_two_tasks_matches_torchrun(tmp_path, token_data, torchrun_losses):
     run_dir = tmp_path / "run"
     out = run(["srun", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1", "--time=10", f"--chdir={ROOT}",
-               sys.executable, *train_args(run_dir, token_data)], clean_env(), timeout=300)
+               sys.executable, *train_args(run_dir, token_data)], clean_env(), timeout=800)
     assert "x DP 2" in out.stdout  # one job of two data-parallel ranks, not two single runs
     assert losses(run_dir) == torchrun_losses

@@ -92,7 +92,7 @@ def test_cli_prints_the_breakdown_and_fit():
 
     res = subprocess.run([sys.executable, "-m", "loopmoe.memory", "configs/loopmoe_9b.yaml", "--world", "32",
                           "train.recompute=full"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "world 32 = TP 1 x PP 1 x DP 32; EP 8 (expert DP 4), ZeRO 1" in out
@@ -100,7 +100,7 @@ def test_cli_prints_the_breakdown_and_fit():
                  "log-softmax", "MoE dispatch", "of 80 GB"):
         assert word in out, word
     bad = subprocess.run([sys.executable, "-m", "loopmoe.memory", "configs/loopmoe_9b.yaml", "parallel.ep=7"],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
     assert bad.returncode == 2 and "n_experts=88 is not divisible by EP=7" in bad.stderr
 
 

@@ -42,7 +42,7 @@ def test_slices_merged_equal_one_run_and_megatron_add_index(tmp_path, tokenizer,
     prefixes = [tokenise(shards, tokenizer, str(tmp_path / f"p{i}"), "--file-slice", f"{i}/{parts}")
                 for i in range(parts)]
     out = subprocess.run([sys.executable, MERGE, *sum((["--input", p] for p in prefixes), []),
-                          "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, timeout=60)
+                          "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert files_of(str(tmp_path / "merged")) == files_of(whole)
     # megatron-core's own merge of the same pairs

@@ -97,7 +97,7 @@ def test_world_size_from_env(monkeypatch):
 def test_pretrain_rejects_a_bad_layout_before_any_work():
     env = {**os.environ, "WORLD_SIZE": "4", "RANK": "0"}
     out = subprocess.run([sys.executable, "pretrain_loopmoe.py", "--config", "configs/loopmoe_3b.yaml",
-                          "parallel.tp=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          "parallel.tp=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "n_kv_heads=3" in out.stderr and "Suggestion" in out.stderr and "torch.distributed" not in out.stderr
 

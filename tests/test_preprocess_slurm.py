@@ -23,11 +23,11 @@ SCRIPT = os.path.join(ROOT, "slurm", "preprocess.sbatch")
 
 def test_bash_syntax_and_refusals(tmp_path):
     subprocess.run(["bash", "-n", SCRIPT], check=True)
-    r = subprocess.run(["bash", SCRIPT], env=base_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", SCRIPT], env=base_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "set INPUT, TOKENIZER and OUT" in r.stderr
     r = subprocess.run(["bash", SCRIPT], env=base_env(INPUT="x", TOKENIZER=str(tmp_path / "none.model"),
                                                      OUT=str(tmp_path / "o"), TASKS="0"),
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "TASKS=0" in r.stderr
 
 
@@ -53,7 +53,7 @@ def test_array_of_three_then_merge_equals_one_run(tmp_path, tokenizer, docs):
     env = base_env(INPUT=pattern, TOKENIZER=tokenizer, OUT=out, TASKS="3", WORKERS="1", LOGS=str(tmp_path / "logs"),
                    LOOPMOE_ROOT=ROOT, PYTHON=sys.executable,
                    SBATCH_ARGS=f"--cpus-per-task=1 --time=10 --job-name=pptest-{uuid.uuid4().hex[:8]}")
-    r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"array job (\d+) \(3 tasks\), merge job (\d+)", r.stdout)
     assert m, r.stdout

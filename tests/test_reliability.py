@@ -384,6 +384,6 @@ def test_hung_peer_fails_the_job_at_the_collective_timeout(tmp_path, token_data)
     assert proc.returncode != 0, out[-3000:]
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
     assert 50 <= took <= 400, took  # parallel.timeout_minutes=1, plus torchrun stopping the group
-    _, alive = psutil.wait_procs(ranks, timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=600)
     assert not alive
     print(f"hung peer: the job failed {took:.0f} s after SIGSTOP of rank 1 (timeout 60 s)")

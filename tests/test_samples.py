@@ -221,7 +221,7 @@ def test_needs_a_process_group(corpus, tmp_path):
         "    print('ERR', e)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
     assert "ERR build_datasets needs torch.distributed initialised" in out.stdout, out.stderr
 
 

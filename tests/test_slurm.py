@@ -77,7 +77,7 @@ def test_template_header(path):
 
 
 def dry_run(template, nodes="1,4,16", **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(ROOT, template)], cwd="/", capture_output=True, text=True, timeout=60,
+    return subprocess.run(["bash", os.path.join(ROOT, template)], cwd="/", capture_output=True, text=True, timeout=600,
                           env=base_env(DRY_RUN="1", NODES=nodes, **env))
 
 
@@ -136,7 +136,7 @@ def test_dry_run_refuses_layouts_that_do_not_divide(env, pattern):
 
 def test_refuses_to_run_outside_a_job():
     out = subprocess.run(["bash", "slurm/loopmoe_3b.sbatch"], cwd=ROOT, capture_output=True, text=True,
-                         env=base_env(), timeout=60)
+                         env=base_env(), timeout=600)
     assert out.returncode != 0 and "not inside a Slurm job" in out.stderr
 
 
@@ -175,7 +175,7 @@ class Job:
         self.id = out.stdout.strip().split(";")[0]
         return self.id
 
-    def submit_wait(self, timeout=300) -> int:
+    def submit_wait(self, timeout=800) -> int:
         out = subprocess.run(self.cmd("--wait"), cwd=ROOT, env=self.env, capture_output=True, text=True,
                              timeout=timeout)
         m = re.search(r"Submitted batch job (\d+)", out.stdout)

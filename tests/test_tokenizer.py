@@ -44,7 +44,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_cli_vocab_special_ids_and_printout(tmp_path, corpus):
