@@ -8,7 +8,8 @@
 
 The run behind docs/results/toy_comparison.md (10x the tokens of the first page, 3 seeds, about 2 h on 2 cores):
     python -m loopmoe.experiments.compare --steps 1000 --set train.micro_batch=16 --jobs 2 --seeds 3 \
-        --ablation-seeds 1 --models loopmoe,vanilla,adaln_none,adaln_small,adaln_zero_gate,adaln_rank4,adaln_iter
+        --ablation-seeds 1 --models loopmoe,vanilla,adaln_none,adaln_small,adaln_zero_gate,adaln_rank4,adaln_lr03 \
+        --analysis-batches 6 --repeats 2
 
 What it does, in order (every step is skipped when its output exists, so a rerun only redoes what is missing):
 1. demo data: data/demo/tokenizer.model and data/demo/python_docs_text_document.{bin,idx} from the demo corpus
