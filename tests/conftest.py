@@ -71,7 +71,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run_torchrun(script: str, nproc: int = 2, timeout: int = 240):
+def run_torchrun(script: str, nproc: int = 2, timeout: int = 800):
     """Run ``script`` under torchrun with ``nproc`` gloo processes (one thread each); fail with its output."""
     import subprocess
 

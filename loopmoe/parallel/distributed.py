@@ -181,12 +181,19 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     _deepspeed_comm(backend)  # DeepSpeed's comm layer adopts the group made above
     megatron_cpu_adapter.install()
+    # Every group gets the same time-out: torch's new_group and megatron's groups default to 30 minutes,
+    # so a peer hung during ZeRO's gradient all-reduce (megatron's data-parallel group) or an expert
+    # all-to-all held the job for 30 minutes whatever parallel.timeout_minutes said. megatron's extra gloo
+    # copies of its groups serve only its distributed optimizer (unused here) and one of them
+    # (EXPERT_DATA_PARALLEL_GROUP_GLOO, megatron-core 0.16) ignores the time-out: not made.
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 distributed_timeout_minutes=timeout_minutes,
+                                                 create_gloo_process_groups=False)
     if ep > 1:
         from loopmoe.parallel.groups import create_expert_groups
 
-        create_expert_groups(ep)
+        create_expert_groups(ep, timeout=datetime.timedelta(minutes=timeout_minutes))
     log.info("distributed: %s launcher, rank %d of %d, backend %s, TP=%d PP=%d DP=%d EP=%d", denv.launcher,
              denv.rank, denv.world_size, backend, tp, pp, parallel_state.get_data_parallel_world_size(), ep)
     return denv

@@ -15,6 +15,8 @@ expert gradients the SP hook sums over TP, like every other sequence-parallel pa
 """
 from __future__ import annotations
 
+import datetime
+
 import torch.distributed as dist
 
 
@@ -39,9 +41,10 @@ def expert_group_ranks(world: int, tp: int, pp: int, ep: int) -> tuple[list[list
     return ep_groups, edp_groups
 
 
-def create_expert_groups(ep: int) -> None:
+def create_expert_groups(ep: int, timeout: datetime.timedelta | None = None) -> None:
     """Register DeepSpeed's "ep_size_{ep}" expert and expert-data-parallel groups (collective: every
-    rank calls it, after megatron's parallel_state). Idempotent."""
+    rank calls it, after megatron's parallel_state). Idempotent. ``timeout`` bounds their collectives (None:
+    torch's default, 30 minutes; init_distributed passes parallel.timeout_minutes)."""
     from deepspeed.utils import groups as dsg
 
     name = f"ep_size_{ep}"
@@ -57,11 +60,11 @@ def create_expert_groups(ep: int) -> None:
     rank = dist.get_rank()
     ep_groups, edp_groups = expert_group_ranks(world, tp, pp, ep)
     for ranks in ep_groups:
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dsg._EXPERT_PARALLEL_GROUP[name], dsg._EXPERT_PARALLEL_GROUP_RANKS[name] = g, ranks
     for ranks in edp_groups:
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dsg._EXPERT_DATA_PARALLEL_GROUP[name], dsg._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = g, ranks
 
