@@ -14,9 +14,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16", "model.n_experts=8",
-         "model.expert_hidden=32", "model.top_k=2", "model.adaln_rank=8", "model.vocab_size=256", "data.seq_len=32",
-         "train.micro_batch=2"]
 
 
 def test_every_process_group_times_out_at_the_configured_minutes():
@@ -36,14 +33,15 @@ def worker() -> None:
     from loopmoe.parallel.parallelize import parallelize
     from loopmoe.train.engine import build_engine, dp_step
     from loopmoe.train.setup import build_model
+    from tests.test_train import SMALL
 
     torch.manual_seed(0)
     cfg = load_config(os.path.join(ROOT, "configs/tiny_loopmoe.yaml"),
-                      [*SMALL, "parallel.ep=2", "parallel.timeout_minutes=1", "train.zero_stage=1"])
+                      [*SMALL, "model.vocab_size=256", "parallel.ep=2", "parallel.timeout_minutes=1", "train.zero_stage=1"])
     layout = validate_layout(cfg, 2)
     init_distributed(1, 1, "gloo", cfg.parallel.timeout_minutes, ep=cfg.parallel.ep)
     engine, _, _ = build_engine(parallelize(build_model(cfg, layout), cfg, layout), cfg, layout)
-    tokens = torch.randint(0, 256, (cfg.train.micro_batch, cfg.data.seq_len + 1))  # (B, T+1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1))  # (B, T+1)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(tokens[:, 1:].shape)}
     dp_step(engine, iter([batch] * cfg.train.grad_accum), cfg, layout, step=0)  # groups made lazily exist too
     groups = list(dist.distributed_c10d._world.pg_map)  # every ProcessGroup made in this process

@@ -176,9 +176,10 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(denv.local_rank)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=denv.rank, world_size=denv.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=timeout)
     _deepspeed_comm(backend)  # DeepSpeed's comm layer adopts the group made above
     megatron_cpu_adapter.install()
     # Every group gets the same time-out: torch's new_group and megatron's groups default to 30 minutes,
@@ -193,7 +194,7 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
     if ep > 1:
         from loopmoe.parallel.groups import create_expert_groups
 
-        create_expert_groups(ep, timeout=datetime.timedelta(minutes=timeout_minutes))
+        create_expert_groups(ep, timeout=timeout)
     log.info("distributed: %s launcher, rank %d of %d, backend %s, TP=%d PP=%d DP=%d EP=%d", denv.launcher,
              denv.rank, denv.world_size, backend, tp, pp, parallel_state.get_data_parallel_world_size(), ep)
     return denv
