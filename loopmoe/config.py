@@ -121,7 +121,9 @@ class TrainConfig:
     eval_interval: int = 100  # validate every N steps (and at the last step)
     eval_iters: int = 10  # held-out batches per validation
     log_interval: int = 10  # console / metrics.jsonl / TensorBoard line every N steps
-    precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # parameter/compute precision (fp8 needs Transformer Engine on Hopper)
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # parameter/compute precision; fp8 = bf16 plus FP8 matmuls from train.fp8_backend (loopmoe/parallel/fp8.py)
+    fp8_backend: Literal["te", "torchao"] = "te"  # FP8 route: te = Transformer Engine (needs model.linear_backend=te, a Hopper GPU), torchao = torchao float8 training of the nn.Linear layers (needs model.linear_backend=torch)
+    fp8_recipe: Literal["auto", "delayed", "current", "mxfp8", "tensorwise", "rowwise"] = "auto"  # FP8 scaling: auto = delayed (te) / tensorwise (torchao); te: delayed, current (per-tensor current scaling), mxfp8 (Blackwell); torchao: tensorwise, rowwise
     ds_config: str = "ds_configs/zero1.json"  # DeepSpeed JSON; batch sizes, clipping and precision are filled in from this config
     zero_stage: int = -1  # -1 = take it from ds_config
     exit_interval: int = 0  # like Megatron's --exit-interval: checkpoint and stop when step % N == 0 (0 = off)
@@ -329,9 +331,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1 (got {getattr(t, name)})")
     _check(t.exit_interval >= 0, "train.exit_interval must be >= 0 (0 = off)")
     _check(t.zero_stage in (-1, 0, 1, 2), f"train.zero_stage={t.zero_stage}: use 0, 1, 2 (or -1 = from ds_config)")
-    _check(t.recompute == "none" or t.precision != "fp8",
-           f"train.recompute={t.recompute!r} with train.precision='fp8': torch's checkpoint would re-run TE's FP8 "
-           "scaling updates outside fp8_autocast; use train.recompute=none with fp8")
+    _check_fp8(t, m)
     p = cfg.parallel
     for name in ("tp", "pp", "ep"):
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
@@ -339,6 +339,38 @@ def validate(cfg: Config) -> None:
     _check(c.interval >= 1 and c.keep_last >= 1, "checkpoint.interval and checkpoint.keep_last must be >= 1")
     if isinstance(c.resume, bool):  # older configs: resume: true/false
         c.resume = "latest" if c.resume else "none"
+
+
+TE_FP8_RECIPES = ("delayed", "current", "mxfp8")  # Transformer Engine's DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling
+TORCHAO_FP8_RECIPES = ("tensorwise", "rowwise")  # torchao Float8LinearConfig.from_recipe_name
+
+
+def fp8_recipe_name(t: TrainConfig) -> str:
+    """train.fp8_recipe with "auto" resolved for the backend: delayed (te) or tensorwise (torchao)."""
+    if t.fp8_recipe != "auto":
+        return t.fp8_recipe
+    return "delayed" if t.fp8_backend == "te" else "tensorwise"
+
+
+def _check_fp8(t: TrainConfig, m: ModelConfig) -> None:
+    """precision=fp8 only where a route can run it: an FP8 run that silently trains in bf16 (and reports
+    MFU as if FP8) is what this refuses."""
+    if t.precision != "fp8":
+        return
+    if t.fp8_backend == "te":
+        _check(m.linear_backend == "te",
+               f"train.precision='fp8' with train.fp8_backend='te' needs model.linear_backend=te (got "
+               f"{m.linear_backend!r}: its linears would run in bf16); set model.linear_backend=te, or "
+               "train.fp8_backend=torchao with model.linear_backend=torch")
+    else:
+        _check(m.linear_backend == "torch",
+               f"train.fp8_backend='torchao' converts plain nn.Linear layers and needs model.linear_backend=torch "
+               f"(got {m.linear_backend!r}, TP=1 only); set model.linear_backend=torch, or use "
+               "train.fp8_backend=te with model.linear_backend=te")
+    allowed = TE_FP8_RECIPES if t.fp8_backend == "te" else TORCHAO_FP8_RECIPES
+    _check(fp8_recipe_name(t) in allowed,
+           f"train.fp8_recipe={t.fp8_recipe!r} is not a {t.fp8_backend} recipe; with train.fp8_backend="
+           f"{t.fp8_backend!r} use one of {['auto', *allowed]}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

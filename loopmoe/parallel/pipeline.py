@@ -18,6 +18,7 @@ summed over TP): the mean over shards, as a single process computes the z-loss.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -117,13 +118,15 @@ class PipelineStage(nn.Module):
 
 
 def pipeline_forward_backward(stage: PipelineStage, batches, n_micro: int, micro_batch: int, seq_len: int,
-                              forward_only: bool = False) -> torch.Tensor:
+                              forward_only: bool = False, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Run megatron-core's schedule (1F1B for PP > 1) over ``n_micro`` micro-batches drawn from
     ``batches`` (every stage draws them, so data iterators stay aligned). Gradients accumulate on the
     stage's parameters; reduction and the optimizer step are the caller's. Returns this rank's
     [loss, lm_loss, lb, z] sums over the micro-batches: lm only on the last stage, lb and z of this
     stage's layers, loss = lm + this stage's weighted aux. Summed over the world and divided by
-    TP x DP they give the model's mean metrics."""
+    TP x DP they give the model's mean metrics. ``autocast``: a zero-argument callable giving the
+    context each micro-batch's forward runs in, e.g. ``lambda: fp8_autocast(cfg)`` (loopmoe/parallel/fp8.py);
+    the backward runs outside it, as TE's FP8 expects."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from loopmoe.parallel.megatron_cpu_adapter import cuda_to_cpu
@@ -135,7 +138,8 @@ def pipeline_forward_backward(stage: PipelineStage, batches, n_micro: int, micro
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
-        out = model(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
+        with autocast():  # one region per micro-batch forward, as in the data-parallel step
+            out = model(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"])
         return out, lambda o: (o.loss, {})
 
     with cuda_to_cpu():

@@ -1,7 +1,8 @@
 """Console line, JSONL file, TensorBoard scalars and a progress bar (rank 0 only).
 
 Throughput: tokens/s over the logging interval; TFLOP/s = training FLOPs per token (3 x forward, the
-convention in loopmoe/flops.py) x tokens/s per device; MFU = that / the stated peak per device.
+convention in loopmoe/flops.py) x tokens/s per device; MFU = that / the peak per device, the chip's dense
+bf16 peak at every precision (loopmoe/train/peak.py): an FP8 run's MFU over its bf16 twin's is FP8's speed-up.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def default_peak_tflops(precision: str, stated: float = 0.0) -> float:
-    """The MFU peak per device (loopmoe/train/peak.py): stated, by GPU name, or measured on the CPU; logged."""
+    """The MFU peak per device (loopmoe/train/peak.py): stated, the GPU's dense bf16 peak by name (for every
+    precision, fp8 included: FP8's gain is a speed-up, not a smaller MFU), or measured on the CPU; logged."""
     from loopmoe.train.peak import resolve_peak
 
     peak = resolve_peak(stated, precision)
