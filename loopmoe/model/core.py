@@ -201,11 +201,36 @@ def sort_by_expert(topk: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, to
     return flat.argsort(stable=True), count_per_expert(flat, n_experts)
 
 
+class _CombineExperts(torch.autograd.Function):
+    """out [T, d] = sum over slots i of w[i] * ys[i] at row token[i], accumulated in fp32, cast to ``dtype``.
+
+    Written by hand for the memory of the backward: autograd of the plain expression keeps two fp32 [N, d]
+    tensors per MoE pass (``ys.float()`` and the weighted product that ``index_add_`` holds), N = k*T slots,
+    the largest activation term of the 3B preset. This keeps only ys as given (bf16 in training), the fp32
+    gates [N] and the indices [N]; the fp32 [N, d] temporaries live only inside forward and backward. The
+    arithmetic is the plain expression's, op for op (same values and gradients)."""
+
+    @staticmethod
+    def forward(ctx, ys, w, token, n_tokens: int, dtype):  # ys [N, d], w [N] fp32, token [N] -> [T, d]
+        out = torch.zeros(n_tokens, ys.shape[1], dtype=torch.float32, device=ys.device)  # [T, d] fp32
+        out.index_add_(0, token, ys.to(torch.float32, copy=True).mul_(w.unsqueeze(1)))  # [N, d] fp32, a temporary
+        ctx.save_for_backward(ys, w, token)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [T, d] (x's dtype)
+        ys, w, token = ctx.saved_tensors
+        g = grad_out.float().index_select(0, token)  # [N, d] fp32: each slot's token gradient
+        grad_w = (g * ys.float()).sum(1) if ctx.needs_input_grad[1] else None  # [N] fp32
+        grad_ys = g.mul_(w.unsqueeze(1)).to(ys.dtype) if ctx.needs_input_grad[0] else None  # [N, d]
+        return grad_ys, grad_w, None, None, None
+
+
 def combine_experts(x: torch.Tensor, token: torch.Tensor, ys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Scatter-add the expert outputs ys [N, d] of source tokens ``token`` [N], weighted by w [N] (fp32),
-    back to [T, d] = x's shape, in fp32, cast to x's dtype."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token, ys.float() * w.unsqueeze(1)).to(x.dtype)
+    back to [T, d] = x's shape, in fp32, cast to x's dtype. Keeps no fp32 [N, d] tensor for the backward
+    (see _CombineExperts)."""
+    return _CombineExperts.apply(ys, w, token, x.shape[0], x.dtype)
 
 
 def dropless_moe(x: torch.Tensor, topk: torch.Tensor, gates: torch.Tensor, n_experts: int, experts) -> torch.Tensor:
@@ -224,17 +249,20 @@ def grouped_mm_align(x: torch.Tensor) -> int:
 
 def group_rows(x: torch.Tensor, counts: torch.Tensor, align: int):
     """Lay the rows of x [N, d] (sorted by expert, counts [E]) out with every group padded to a
-    multiple of ``align`` rows (zero rows), in a buffer of the static size N + E*(align-1) -- an upper
-    bound known without reading ``counts`` on the host. The last group absorbs the slack, so every row
-    of the buffer belongs to a group (no uninitialised rows reach the backward) and shapes do not
-    depend on the routing. Returns (buffer [n_pad, d], pos [N] row of each x row in it, sizes [E]
-    rows per group, summing to n_pad). ``align=1``: no padding (pos = arange)."""
+    multiple of ``align`` rows (zero rows), in a buffer of a static size -- known without reading
+    ``counts`` on the host -- that is itself a multiple of ``align``: n_pad = the largest multiple of
+    ``align`` <= N + E*(align-1). The padded groups sum to a multiple of ``align`` that is at most
+    N + E*(align-1), hence at most n_pad; the slack n_pad - sum (a multiple of ``align`` too) goes to
+    the last group. So every group, the last included, is a multiple of ``align`` (TE's FP8 grouped
+    GEMM asserts 16 rows per split), every row of the buffer belongs to a group (no uninitialised rows
+    reach the backward) and shapes do not depend on the routing. Returns (buffer [n_pad, d], pos [N]
+    row of each x row in it, sizes [E] rows per group, summing to n_pad). ``align=1``: no padding."""
     N, E = x.shape[0], counts.numel()
-    n_pad = N + E * (align - 1)
+    n_pad = (N + E * (align - 1)) // align * align
     padded = (counts + align - 1) // align * align  # [E] rows per group after padding
     shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] padded start - start
     pos = torch.arange(N, device=x.device) + shift.repeat_interleave(counts, output_size=N)  # [N]
-    padded[-1] += n_pad - N - (padded - counts).sum()  # slack rows to the last group
+    padded[-1] += n_pad - padded.sum()  # the slack rows (a multiple of align) to the last group
     return x.new_zeros(n_pad, x.shape[1]).index_copy(0, pos, x), pos, padded
 
 
