@@ -52,7 +52,7 @@ bench-real: setup  ## the real-shape benchmark only (LoopMoE-3B/9B layer shapes;
 gpu-wheels:  ## download/build the wheels gpu-check installs offline (megatron-core, DeepSpeed, deps) into wheels/
 	bash scripts/gpu_wheels.sh
 
-gpu-check:  ## on a GPU machine (CUDA torch, no network): GPU tests, bf16/FP8 steps, MFU -> docs/benchmarks/gpu.md
+gpu-check:  ## on a GPU machine (CUDA torch, no network): the real trainer with save/resume, bf16 + FP8, MFU, syncs -> docs/benchmarks/gpu.md (dry run: bench/gpu_check.py --print-commands)
 	bash scripts/gpu_check.sh
 
 slurm-up:  ## start a one-node Slurm cluster on localhost for the Slurm tests (root; Debian packages)

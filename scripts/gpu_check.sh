@@ -5,7 +5,8 @@
 #      .gpu_site/ (on PYTHONPATH; the machine's own site-packages are left alone);
 #   2. runs bench/gpu_check.py (GPU-marked tests, bf16 steps, MFU, FP8 if TE is importable, peak memory),
 #      which writes docs/benchmarks/gpu.md and says what it ran and what it skipped.
-# Arguments go to bench/gpu_check.py (e.g. --dry-run --out /tmp/gpu.md on a CPU machine).
+# Arguments go to bench/gpu_check.py (e.g. --dry-run --out /tmp/gpu.md or --print-commands on a CPU machine).
+# On the device tool: run with carry ["wheels"] (the wheels and wheels/gpu_data travel, under 64 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 || command -v python )}
@@ -21,7 +22,7 @@ declare -A DIST=([megatron.core]=megatron-core [deepspeed]=deepspeed [hjson]=hjs
   [annotated_types]=annotated-types [typing_inspection]=typing-inspection [typing_extensions]=typing-extensions
   [einops]=einops [psutil]=psutil [tqdm]=tqdm [yaml]=pyyaml [sentencepiece]=sentencepiece
   [safetensors]=safetensors [packaging]=packaging [pytest]=pytest [pytest_timeout]=pytest-timeout
-  [pluggy]=pluggy [iniconfig]=iniconfig)
+  [pluggy]=pluggy [iniconfig]=iniconfig [torchao]=torchao)
 missing=()
 for mod in "${!DIST[@]}"; do
   PYTHONPATH="$SITE" $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('$mod') is None)" 2>/dev/null \
@@ -41,7 +42,8 @@ else
   done
 fi
 export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
-for mod in megatron.core deepspeed transformer_engine; do
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+for mod in megatron.core deepspeed transformer_engine torchao; do
   $PY -c "import $mod" >/dev/null 2>&1 && echo "   $mod: importable" || echo "   $mod: NOT importable"
 done
 timeout "$BUDGET" $PY bench/gpu_check.py --budget-s $((BUDGET - 60)) "$@"

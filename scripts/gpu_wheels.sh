@@ -7,7 +7,9 @@
 # Compiled packages are fetched for several CPython versions (GPU_PYTHONS), since the GPU machine's
 # Python is not known here; DeepSpeed ships only a source tarball, so it is built into a pure wheel
 # (DS_BUILD_OPS=0: its CUDA ops are JIT-built on first use, and our code uses none of them).
-# Transformer Engine is NOT brought along (a ~730 MB CUDA wheel): gpu-check reports FP8 as skipped.
+# torchao (a 3.4 MB abi3 wheel) is brought along: FP8 training through torchao runs in gpu-check.
+# Transformer Engine is NOT brought along (a ~730 MB CUDA wheel): gpu-check reports FP8 with TE as skipped.
+# Last, the check's data goes to wheels/gpu_data/ (a tokenizer and .bin/.idx of the demo corpus, ~3 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +21,7 @@ PIP="$PY -m pip"
 ver() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
 
 # name==version of every package below, as installed in this venv
-BINARY=(megatron-core msgpack pydantic-core pyyaml psutil sentencepiece safetensors ninja)
+BINARY=(megatron-core msgpack pydantic-core pyyaml psutil sentencepiece safetensors ninja torchao)
 PURE=(hjson py-cpuinfo pydantic annotated-types typing-inspection typing-extensions einops tqdm packaging
       pytest pytest-timeout pluggy iniconfig)
 pin() { for p in "$@"; do echo "$p==$(ver "$p")"; done; }
@@ -41,6 +43,8 @@ if ! ls "$OUT"/deepspeed-"$DS"-py3-none-any.whl >/dev/null 2>&1; then
   DS_BUILD_OPS=0 $PIP wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$OUT" "$tmp"/deepspeed-*.tar.gz
   rm -rf "$tmp"
 fi
+echo "== gpu-wheels: the check's data (tokenizer + .bin/.idx of the demo corpus) into $OUT/gpu_data/"
+$PY bench/gpu_check.py --prepare-data --data-dir "$OUT/gpu_data"
 size=$(du -sm "$OUT" | cut -f1)
 echo "== gpu-wheels: $(ls "$OUT" | wc -l) wheels, ${size} MiB in $OUT/"
 if [ "$size" -gt "$LIMIT_MIB" ]; then
