@@ -1,16 +1,22 @@
-"""Every input of a training run checked at start-up, before process groups, the model or the engine exist.
+"""Every input of a training run checked at start-up, before process groups, the model or the engine exist;
+the checkpoint to resume from right after the process group exists (its digests split across the ranks).
 
-    pretrain_loopmoe.py: cfg = load_config(...); layout = validate_layout(...); resume = preflight(cfg, layout)
+    pretrain_loopmoe.py: cfg = load_config(...); layout = validate_layout(...); preflight(cfg, layout, resume=False)
+                         init_distributed(...); resume = check_resume(cfg)   # collective, every rank
 
 A run that would fail on a missing data file, a truncated ``.idx``, a tokenizer that does not fit the model,
 an unreadable DeepSpeed config or a damaged checkpoint fails here in a second, with one line naming the
 file or field and the fix (``PreflightError``, a ``ConfigError``: exit code 2, no traceback), instead of
 minutes later as a traceback once every rank has built its model. Every rank runs the same checks on the
-same files, so every rank stops (none is left waiting for a peer in a collective).
+same files, so every rank stops (none is left waiting for a peer in a collective). The checkpoint check is
+the exception: reading a whole step on every rank costs TBs per requeue at 9B, so each rank digests its
+share and one all_gather gives every rank the same verdict (checkpoint_integrity.check_step).
 """
 from __future__ import annotations
 
 import os
+
+import torch.distributed as dist
 
 from loopmoe.config import Config, ConfigError
 
@@ -70,21 +76,34 @@ def check_ds_config(cfg: Config, dp: int) -> None:
         raise PreflightError(str(e)) from None
 
 
+def resume_group():
+    """The world group when several processes already share one, else None (each process verifies
+    alone). Only the world group: at resume every rank reads, and megatron's groups may not exist yet."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def check_resume(cfg: Config) -> str | None:
-    """The checkpoint step to resume from (None: fresh start), its files verified against their manifest."""
+    """The checkpoint step to resume from (None: fresh start), its files verified against their manifest.
+    Once the process group exists this is COLLECTIVE (every rank calls it): each rank digests its share of
+    the step's files and every rank returns the same tag or raises the same PreflightError. Before it
+    exists every process reads every file (the old cost: call it after init_distributed)."""
     from loopmoe.train.checkpoint import CheckpointError, resolve_resume
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
     try:
-        return resolve_resume(ckpt_dir, cfg.checkpoint.resume)
+        return resolve_resume(ckpt_dir, cfg.checkpoint.resume, resume_group())
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
 
 
-def preflight(cfg: Config, layout) -> str | None:
+def preflight(cfg: Config, layout, resume: bool = True) -> str | None:
     """Run every check (``layout`` from parallel.layout.validate_layout: world size, TP/PP/EP divisibility
-    are checked there); return the checkpoint tag to resume from, or None."""
+    are checked there); return the checkpoint tag to resume from, or None. ``resume=False`` leaves the
+    checkpoint out (returns None): pretrain_loopmoe.py calls check_resume once the process group exists,
+    so the ranks split the digests instead of each reading the whole step."""
     vocab, _ = check_tokenizer_file(cfg)
     check_data(cfg, vocab)
     check_ds_config(cfg, layout.dp)
-    return check_resume(cfg)
+    return check_resume(cfg) if resume else None
