@@ -7,7 +7,7 @@ for all their documents in one run (the same bytes), like megatron-core's Indexe
 Inputs are prefixes (PREFIX.bin + PREFIX.idx) or globs of them (a glob may also match the .idx or .bin
 files themselves); each glob's matches are sorted by name, so zero-padded shard numbers keep their order.
 Every pair is checked before anything is written: the same token dtype, a valid .idx, a .bin of exactly
-the size the .idx describes. The output is written under temporary names and renamed when complete (the
+the size the .idx describes, the same tokenizer record (PREFIX.tokenizer.json, carried to the output). The output is written under temporary names and renamed when complete (the
 .idx last), so an existing PREFIX.idx always belongs to a whole pair. The .bin files are copied with
 os.copy_file_range (in the kernel, no copy through Python) where the OS has it.
 """
@@ -28,6 +28,7 @@ import numpy as np
 
 from data_tools._common import DataToolError, HelpFormatter, SignalsDeferred, run_cli, temp_name
 from data_tools.indexed import Index, index_bytes_from, read_index, write_synced
+from loopmoe.tokenizer_fingerprint import TokenizerMismatch, common_fingerprint, remove_sidecar, write_sidecar
 
 
 def find_prefixes(patterns: Sequence[str]) -> list[str]:
@@ -74,6 +75,20 @@ def check_inputs(prefixes: Sequence[str]) -> list[Index]:
     return indexes
 
 
+def tokenizer_record(prefixes: Sequence[str]) -> dict | None:
+    """The inputs' shared tokenizer record (PREFIX.tokenizer.json), carried to the output; inputs of two
+    tokenizers are refused. Inputs without a record (made before records existed) are named on stderr."""
+    try:
+        fp, missing = common_fingerprint(list(prefixes))
+    except TokenizerMismatch as e:
+        raise DataToolError(str(e)) from None
+    if missing:
+        print(f"note: no tokenizer record (.tokenizer.json) beside {', '.join(missing)}: "
+              + ("the output carries the others' record unchecked against them" if fp else
+                 "the output has none either"), file=sys.stderr)
+    return fp
+
+
 def merged_index(indexes: Sequence[Index]) -> bytes:
     """add_index's arithmetic: lengths appended; document_indices shifted by the sequences before them."""
     lengths = np.concatenate([ix.seq_lengths.astype(np.int64) for ix in indexes]) if indexes else np.zeros(0)
@@ -115,6 +130,7 @@ def merge(prefixes: Sequence[str], out_prefix: str, overwrite: bool = False) -> 
             if os.path.exists(path):
                 raise DataToolError(f"{path} already exists; pass --overwrite to replace it")
     indexes = check_inputs(prefixes)
+    fp = tokenizer_record(prefixes)
     idx = merged_index(indexes)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     bin_tmp, idx_tmp = temp_name(out_bin), temp_name(out_idx)
@@ -128,8 +144,11 @@ def merge(prefixes: Sequence[str], out_prefix: str, overwrite: bool = False) -> 
         with SignalsDeferred():
             if os.path.exists(out_idx):
                 os.unlink(out_idx)
+            remove_sidecar(out_prefix)  # the old output's record must not describe the new pair
             os.replace(bin_tmp, out_bin)
             os.replace(idx_tmp, out_idx)
+            if fp is not None:
+                write_sidecar(out_prefix, fp)
     except BaseException:
         for path in (bin_tmp, idx_tmp):
             if os.path.exists(path):

@@ -44,6 +44,8 @@ Safety: outputs are written as NAME.tmp-PID and renamed only when every output i
 first, .idx last, the old .idx removed first with --overwrite), so a pair whose .idx exists is whole.
 Ctrl-C and SIGTERM remove the temporary files; after SIGKILL, leftover *.tmp-PID files are safe to
 delete. Bad input stops the run (exit code 2) with the file, line, field and fix, writing nothing.
+Beside each pair, PREFIX.tokenizer.json records the tokenizer that wrote it (sha256 of its file, vocabulary,
+EOD id; loopmoe/tokenizer_fingerprint.py): the trainer refuses the data with another tokenizer.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ from data_tools.indexed import (  # noqa: F401  (the format's names, re-exported
     publish,
 )
 from data_tools.inputs import MAX_TASK_BYTES, Task, iter_parquet_columns, iter_tasks, parquet_file  # noqa: F401
+from loopmoe.tokenizer_fingerprint import fingerprint, remove_sidecar, write_sidecar
 
 MAX_BAD_LINE_NOTES = 5  # skipped lines reported one by one; the rest only counted
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -484,7 +487,11 @@ def run(args: argparse.Namespace) -> Summary:
                 progress.done(res, sum(int(t.size) for t in res.tokens))
         for out in outputs:
             out.finish()
+        for prefix in prefixes:  # an old record must not outlive the pair it described (crash window)
+            remove_sidecar(prefix)
         publish(outputs)
+        for prefix in prefixes:  # which tokenizer wrote the pair: the trainer and merge.py compare it
+            write_sidecar(prefix, fingerprint(enc.path, enc.vocab_size, enc.eod, enc.kind))
     except BaseException:
         for out in outputs:
             out.discard()
