@@ -132,6 +132,15 @@ def _te_class(te):
     return TELinear
 
 
+def _replicated_over_tp(module: nn.Module) -> None:
+    """TE's GroupedLinear marks every weight as a TP partition along dim 0 (``tensor_model_parallel=True``,
+    set by reset_parameters, TE 2.8) even when built without a TP group, as our experts are: they are
+    replicated over the TP ranks. Unmarked, so that the checkpoint gives them no TP offset and, under
+    sequence parallelism, mark_sequence_parallel tags them for the TP all-reduce of their gradients."""
+    for p in module.parameters():
+        p.tensor_model_parallel = False
+
+
 @functools.cache
 def _te_experts_class(te):
     from loopmoe.model.moe import group_rows
@@ -139,24 +148,31 @@ def _te_experts_class(te):
     class TEExperts(nn.Module):
         """Routed SwiGLU experts as two TE ``GroupedLinear`` (fc1: d -> 2h gate|up, fc2: h -> d), so
         that FP8 covers the experts, most of an MoE's FLOPs. Built from a ``moe.Experts`` (same weights
-        for one seed on every backend); the state dict keeps that module's stacked ``w1`` [E, d, 2h] /
-        ``w2`` [E, h, d] (checkpoints and export do not depend on the backend).
+        for one seed on every backend). ``state_dict()`` shows that module's stacked ``w1`` [E, d, 2h] /
+        ``w2`` [E, h, d] (export and in-memory loads do not depend on the backend); the training
+        checkpoint writes the per-expert weights ``fc1.weight{e}`` [2h, d] / ``fc2.weight{e}`` [d, h]
+        ([out, in]) as their slices of those same stacked keys, with their EP offsets and optimizer state,
+        as ``stacked_experts`` declares (train/checkpoint.py ``expert_slots``).
 
         TE takes the group sizes as a host list (``m_splits``): one device-to-host read per layer,
-        which its API needs. Groups are padded to 16 rows (FP8 GEMMs want multiples of 16), the same
-        padding as ``moe.grouped_swiglu``.
+        which its API needs. Every group, the last included, is padded to a multiple of 16 rows (TE's
+        FP8 GEMMs assert it; bf16 needs 8) by ``core.group_rows``, under any EP and routing.
         """
 
         align = 16
+        stacked_experts = {"fc1": "w1", "fc2": "w2"}  # child GroupedLinear -> the stacked weight it holds
 
         def __init__(self, ref):
             super().__init__()
             n, d, h2 = ref.w1.shape
-            dev, dt = "cuda", ref.w1.dtype
+            # TE runs on CUDA only; elsewhere (a stand-in GroupedLinear in the CPU tests) the reference's device
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else ref.w1.device
+            dt = ref.w1.dtype
             self.fc1 = te.GroupedLinear(n, d, h2, bias=False, params_dtype=dt, device=dev)
             self.fc2 = te.GroupedLinear(n, h2 // 2, d, bias=False, params_dtype=dt, device=dev)
             self.n = n
             self._load_stacked(ref.w1.detach(), ref.w2.detach())
+            _replicated_over_tp(self)
             for p in self.parameters():  # the expert-parallel marks of the stacked weights
                 for attr in ("allreduce", "group_name"):
                     if hasattr(ref.w1, attr):
@@ -192,8 +208,8 @@ def _te_experts_class(te):
                     state[f"{prefix}fc2.weight{e}"] = w2[e].T.contiguous()
 
         def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [N, d] -> [N, d]
-            xp, pos, padded = group_rows(x, counts, self.align)  # xp [n_pad, d]
-            splits = padded.tolist()  # TE's API takes host sizes (see the class docstring)
+            xp, pos, sizes = group_rows(x, counts, self.align)  # xp [n_pad, d]; every size % 16 == 0
+            splits = sizes.tolist()  # TE's API takes host sizes (see the class docstring)
             g, u = self.fc1(xp, splits).chunk(2, dim=-1)  # [n_pad, h] each
             return self.fc2(torch.nn.functional.silu(g) * u, splits).index_select(0, pos)
 
@@ -268,6 +284,8 @@ class Linears:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         tp = self.tp > 1  # shards drawn from megatron's TP RNG tracker (model_parallel_cuda_manual_seed)
+        if tp:
+            _require_tp_rng_tracker()
         return _te_class(self._te)(
             n_in, n_out, bias=False, init_method=normal_init(std), sequence_parallel=self.sequence_parallel,
             tp_group=ps.get_tensor_model_parallel_group() if tp else None, tp_size=self.tp,
@@ -281,6 +299,18 @@ class Linears:
         for p in module.parameters():
             if not getattr(p, "tensor_model_parallel", False):
                 p.sequence_parallel = True
+
+
+def _require_tp_rng_tracker() -> None:
+    """TE draws each TP shard inside megatron's "model-parallel-rng" state; say how to seed it rather than
+    fail inside TE ("model-parallel-rng is not added")."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    name = "model-parallel-rng"  # the name TE forks by default (megatron-core 0.16.1, tensor_parallel/random.py)
+    if name not in get_cuda_rng_tracker().get_states():
+        raise RuntimeError(f"linear_backend='te' with TP > 1 needs megatron's {name!r} RNG state: call "
+                           "loopmoe.parallel.distributed.seed_model_parallel_rng(seed) after init_distributed "
+                           "and before building the model (loopmoe.train.setup.build_model does)")
 
 
 def _torch_linear(n_in: int, n_out: int, std: float) -> nn.Linear:

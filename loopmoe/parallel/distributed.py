@@ -200,6 +200,22 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", timeout_mi
     return denv
 
 
+def seed_model_parallel_rng(seed: int) -> bool:
+    """Seed megatron's CUDA RNG tracker (``model_parallel_cuda_manual_seed``): its "model-parallel-rng"
+    state, from which TE draws each tensor-parallel shard of its linears (layers.py hands TE megatron's
+    tracker), differs by TP rank and is the same across data-parallel ranks. Call it after the process
+    groups exist (it reads the TP rank) and before the model is built. CUDA only (the tracker holds CUDA
+    generator states); on the CPU nothing is seeded and nothing is logged: TE cannot run there, and the
+    megatron and torch backends draw their weights from the global RNG. Returns whether it seeded."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.cuda.is_available() or not parallel_state.model_parallel_is_initialized():
+        return False
+    model_parallel_cuda_manual_seed(seed)  # also torch.cuda.manual_seed(seed): the data-parallel state
+    return True
+
+
 def shutdown() -> None:
     """Tear distributed down on every rank, in order, while the interpreter is fully alive.
 

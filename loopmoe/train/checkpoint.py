@@ -27,7 +27,17 @@ What is saved, and what reshards (save under one TP/PP/EP/DP/ZeRO layout, load u
 | ``optim.exp_avg.<name>``          | AdamW first moment, per parameter                   | same as the parameter |
 | ``optim.exp_avg_sq.<name>``       | AdamW second moment, per parameter                  | same as the parameter |
 | ``optim.master.<name>``           | fp32 master weight (only when the model is not fp32)| same as the parameter |
+| ``model.<module>._extra_state``   | a module's extra state as an object (TE's FP8 scaling history) | one per TP x EP rank |
 | common (rank 0)                   | AdamW step, scheduler position, engine counters, client state (step, consumed samples) | - |
+
+One key layout for every linear backend. TE keeps the routed experts one matrix per expert
+(``<experts>.fc1.weight{e}`` [2h, d], ``fc2.weight{e}`` [d, h]: GroupedLinear's [out, in]); they are written
+as the expert-``e`` slices of the stacked ``model.<experts>.w1`` [E_global, d, 2h] / ``w2`` [E_global, h, d]
+that the torch and megatron backends hold (transposed, at global expert ep_rank * E_local + e), with their
+optimizer state the same way (``ExpertSlot``, ``checkpoint_table``). So a checkpoint moves between backends
+and EP layouts. The extra state is an object whose size changes with the FP8 recipe's state (TE's is empty
+before the first FP8 step), saved per TP x EP rank and restored on the same TP / EP sizes; under other sizes,
+or from a backend without it, the module keeps its fresh state (a warning says so).
 
 Names are the full model's (a pipeline stage keeps them), shapes global (TP shards are cut along
 megatron's ``partition_dim``, EP shards along the expert dimension), so every layout reads the same keys
@@ -49,6 +59,8 @@ import os
 import pickle
 import random
 import shutil
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -164,9 +176,10 @@ def _save_workers_die_with_trainer():
 
 
 class _Placement:
-    """Global placement of one parameter (or buffer) of this rank: TP / EP shard axis and replica id."""
+    """Global placement of one parameter (or buffer) of this rank: TP / EP shard axis and replica id.
+    ``slot``: a per-expert weight, placed as its expert's slice of the stacked tensor (see ExpertSlot)."""
 
-    def __init__(self, name: str, t: torch.Tensor):
+    def __init__(self, name: str, t: torch.Tensor, slot: "ExpertSlot | None" = None):
         from deepspeed.moe.utils import is_moe_param
         from deepspeed.utils import groups as dsg
         from megatron.core import parallel_state as ps
@@ -174,17 +187,23 @@ class _Placement:
         self.offsets: list[tuple[int, int, int]] = []
         tp_rank = ps.get_tensor_model_parallel_rank()
         if getattr(t, "tensor_model_parallel", False):
+            assert slot is None, f"{name}: a per-expert weight split by TP is not supported"
             assert getattr(t, "partition_stride", 1) == 1, f"{name}: strided TP partitions are not supported"
             self.offsets.append((t.partition_dim, tp_rank, ps.get_tensor_model_parallel_world_size()))
             tp_replica = 0
         else:
             tp_replica = tp_rank
+        self.ep_rank, self.ep = 0, 1
         if isinstance(t, torch.nn.Parameter) and is_moe_param(t):  # an EP shard of the expert dimension
             g = t.group_name
-            self.offsets.append((0, dsg._get_expert_parallel_rank(g), dsg._get_expert_parallel_world_size(g)))
+            self.ep_rank, self.ep = dsg._get_expert_parallel_rank(g), dsg._get_expert_parallel_world_size(g)
             self.replica_id = (tp_replica, dsg._get_expert_data_parallel_rank(g))
         else:
             self.replica_id = (tp_replica, ps.get_data_parallel_rank())
+        if slot is not None:  # [1, in, out] at its global expert index
+            self.offsets.append((0, slot.global_index(self.ep_rank), slot.n_local * self.ep))
+        elif self.ep > 1:
+            self.offsets.append((0, self.ep_rank, self.ep))
 
     def sharded(self, key: str, data: torch.Tensor):
         from megatron.core.dist_checkpointing import ShardedTensor
@@ -193,27 +212,173 @@ class _Placement:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The sharded state dict
+# Per-expert weights (TE GroupedLinear) <-> the stacked checkpoint layout; the table of what is saved
 
 
-def _model_tensors(module):
-    """(name, tensor) for parameters and persistent buffers, by the full model's names."""
-    params = dict(module.named_parameters())
+@dataclass(frozen=True)
+class ExpertSlot:
+    """A per-expert weight [out, in] (``weight{e}`` of TE's GroupedLinear) as one slice of the stacked tensor
+    that the checkpoint holds: moe.Experts's ``w1`` [E, d, 2h] / ``w2`` [E, h, d], i.e. [E, in, out]."""
+
+    stacked: str  # the stacked tensor's name, e.g. "loop.0.ffn.experts.w1"
+    local: int  # e: the expert's index on this rank
+    n_local: int  # experts on this rank
+
+    def global_index(self, ep_rank: int) -> int:
+        return ep_rank * self.n_local + self.local
+
+    @staticmethod
+    def to_stacked(t: torch.Tensor) -> torch.Tensor:  # [out, in] -> [1, in, out]
+        return t.detach().t().unsqueeze(0).contiguous()
+
+    @staticmethod
+    def from_stacked(t: torch.Tensor) -> torch.Tensor:  # [1, in, out] -> [out, in]
+        return t[0].t().contiguous()
+
+
+_WEIGHT_E = re.compile(r"weight(\d+)")
+
+
+def expert_slots(module) -> dict[str, ExpertSlot]:
+    """{parameter name: slot} for every module that declares ``stacked_experts = {child: stacked name}``
+    (layers.py's TE experts): the child's parameters ``weight0 .. weight{n-1}`` ([out, in] each) are the n
+    local experts of the stacked tensor ``<module>.<stacked name>``."""
+    slots = {}
+    for mname, m in module.named_modules():
+        prefix = f"{mname}." if mname else ""
+        for child, stacked in getattr(m, "stacked_experts", {}).items():
+            idx = sorted(int(g.group(1)) for n, _ in getattr(m, child).named_parameters(recurse=False)
+                         if (g := _WEIGHT_E.fullmatch(n)))
+            assert idx == list(range(len(idx))), f"{prefix}{child}: per-expert weights {idx}"
+            for e in idx:
+                slots[f"{prefix}{child}.weight{e}"] = ExpertSlot(f"{prefix}{stacked}", e, len(idx))
+    return slots
+
+
+@dataclass
+class CkptEntry:
+    """One parameter or persistent buffer of this rank in the checkpoint: ``name`` in the module, ``key`` in the
+    checkpoint (a stacked tensor's for a per-expert weight), where this rank's piece sits (megatron's rank
+    offsets (axis, index, pieces)), and whether the piece is stored transposed with a leading expert axis."""
+
+    name: str
+    tensor: torch.Tensor
+    key: str
+    place: _Placement
+    slot: ExpertSlot | None = None
+
+    @property
+    def transpose(self) -> bool:
+        return self.slot is not None
+
+    @property
+    def offsets(self) -> list[tuple[int, int, int]]:
+        return self.place.offsets
+
+    def to_ckpt(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if self.slot is None else self.slot.to_stacked(t)
+
+    def from_ckpt(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.slot is None else self.slot.from_stacked(t)
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return tuple(self.to_ckpt(self.tensor).shape) if self.slot else tuple(self.tensor.shape)
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        shape = list(self.local_shape)
+        for axis, _, pieces in self.offsets:
+            shape[axis] *= pieces
+        return tuple(shape)
+
+    def sharded(self, prefix: str, data: torch.Tensor):
+        return self.place.sharded(prefix + self.key, self.to_ckpt(data))
+
+
+def checkpoint_table(module) -> list[CkptEntry]:
+    """What the checkpoint holds of this rank's ``module``: its state dict's parameters and persistent buffers
+    (full model names; tied names twice, as the state dict has them), less what state-dict hooks make up (the
+    TE experts' stacked views) and extra states (objects, see extra_state_objects), plus the per-expert
+    weights those hooks hide, each as its slice of the stacked tensor."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    slots = expert_slots(module)
+    table = []
     for name, t in module.state_dict(keep_vars=True).items():
-        yield name, params.get(name, t)
+        if name in slots:
+            continue
+        if name in params or name in buffers:
+            t = params.get(name, t)
+            table.append(CkptEntry(name, t, name, _Placement(name, t)))
+    for name, slot in slots.items():
+        t = params[name]
+        table.append(CkptEntry(name, t, slot.stacked, _Placement(name, t, slot), slot))
+    return table
+
+
+def _has_extra_state(m: torch.nn.Module) -> bool:
+    return type(m).get_extra_state is not torch.nn.Module.get_extra_state
+
+
+def extra_state_objects(module) -> dict[str, object]:
+    """{``model.<module>._extra_state``: megatron ShardedObject} for every module with an extra state (TE's
+    FP8 scaling history; megatron's linears drop theirs, layers.py). Per TP x EP rank (the FP8 state follows
+    the rank's own shard and tokens): global shape (tp, ep), this rank's offset; replicated over the data-
+    parallel ranks that hold the same weights (expert-data-parallel for experts)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    objs = {}
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for mname, m in module.named_modules():
+        if not _has_extra_state(m):
+            continue
+        p = next(m.parameters(), None)
+        place = _Placement(mname, p if p is not None else torch.empty(0))
+        key = f"model.{mname}._extra_state" if mname else "model._extra_state"
+        objs[key] = ShardedObject(key, m.get_extra_state(), (tp, place.ep), (tp_rank, place.ep_rank),
+                                  replica_id=place.replica_id[1])
+    return objs
+
+
+def _restore_extra_states(module, loaded: dict, skipped: list[str]) -> None:
+    for mname, m in module.named_modules():
+        key = f"model.{mname}._extra_state" if mname else "model._extra_state"
+        if key in loaded:
+            m.set_extra_state(loaded[key])
+    if skipped:
+        log.warning("checkpoint: no extra state for %d module(s) at this TP/EP layout (saved by another backend "
+                    "or layout), e.g. %s: they keep their fresh state (TE: the FP8 scaling history restarts)",
+                    len(skipped), skipped[0])
+
+
+def _present_objects(objs: dict, ckpt_dir: str) -> tuple[dict, list[str]]:
+    """(the objects the checkpoint holds for this rank, keys of those it does not)."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    if not objs:
+        return objs, []
+    have = set(load_sharded_metadata(ckpt_dir))  # unique keys: <key>/shard_<off>_<shape>
+    return ({k: o for k, o in objs.items() if o.unique_key in have},
+            [k for k, o in objs.items() if o.unique_key not in have])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sharded state dict
 
 
 def sharded_state_dict(engine, with_optimizer: bool = True) -> dict:
     module, opt = engine.module, engine.optimizer
     master = with_optimizer and any(p.dtype != torch.float32 for p in module.parameters())
     sd = {}
-    for name, t in _model_tensors(module):
-        place = _Placement(name, t)
-        sd[f"model.{name}"] = place.sharded(f"model.{name}", t.detach())
-        if with_optimizer and isinstance(t, torch.nn.Parameter) and t.requires_grad:
+    for e in checkpoint_table(module):
+        sd[f"model.{e.name}"] = e.sharded("model.", e.tensor)
+        if with_optimizer and isinstance(e.tensor, torch.nn.Parameter) and e.tensor.requires_grad:
             for key in _OPT_KEYS + ((None,) if master else ()):
-                k = f"optim.{key or 'master'}.{name}"
-                sd[k] = place.sharded(k, _get_state(opt, t, key))
+                pre = f"optim.{key or 'master'}."
+                sd[pre + e.name] = e.sharded(pre, _get_state(opt, e.tensor, key))
+    sd.update(extra_state_objects(module))
     return sd
 
 
@@ -324,14 +489,16 @@ def load_checkpoint_state(engine, step_dir: str) -> dict:
     if common.get("format") != FORMAT:
         raise RuntimeError(f"{d}: checkpoint format {common.get('format')!r}, expected {FORMAT!r}")
     module, opt = engine.module, engine.optimizer
+    table = checkpoint_table(module)
     sd = {}
-    for name, t in _model_tensors(module):
-        place = _Placement(name, t)
-        sd[f"model.{name}"] = place.sharded(f"model.{name}", torch.empty_like(t))
-        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+    for e in table:
+        sd[f"model.{e.name}"] = e.sharded("model.", torch.empty_like(e.tensor))
+        if isinstance(e.tensor, torch.nn.Parameter) and e.tensor.requires_grad:
             for key in _OPT_KEYS + ((None,) if common["has_master"] else ()):
-                k = f"optim.{key or 'master'}.{name}"
-                sd[k] = place.sharded(k, torch.empty_like(t, dtype=torch.float32))
+                pre = f"optim.{key or 'master'}."
+                sd[pre + e.name] = e.sharded(pre, torch.empty_like(e.tensor, dtype=torch.float32))
+    objs, no_extra = _present_objects(extra_state_objects(module), d)
+    sd.update(objs)
     with cuda_to_cpu():
         try:
             loaded = dist_checkpointing.load(sd, d)
@@ -339,18 +506,21 @@ def load_checkpoint_state(engine, step_dir: str) -> dict:
             raise CheckpointError(f"{d}: cannot read the checkpoint ({type(e).__name__}: {e}); a file is "
                                   "damaged; resume from an earlier step_* directory") from e
     step = float(common["optimizer_step"])
-    params = dict(module.named_parameters())
-    for name, t in _model_tensors(module):
-        t.data.copy_(loaded[f"model.{name}"])
+    for e in table:
+        e.tensor.data.copy_(e.from_ckpt(loaded[f"model.{e.name}"]))
     if _is_zero(opt) and not common["has_master"]:
         opt.refresh_fp32_params()  # fp32 training: the master weights are the parameters
-    for name, p in params.items():
-        if not p.requires_grad:
+    done = set()  # a tied parameter's state once
+    for e in table:
+        p = e.tensor
+        if not isinstance(p, torch.nn.Parameter) or not p.requires_grad or id(p) in done:
             continue
+        done.add(id(p))
         if common["has_master"]:
-            _set_state(opt, p, None, loaded[f"optim.master.{name}"], step)
+            _set_state(opt, p, None, e.from_ckpt(loaded[f"optim.master.{e.name}"]), step)
         for key in _OPT_KEYS:
-            _set_state(opt, p, key, loaded[f"optim.{key}.{name}"], step)
+            _set_state(opt, p, key, e.from_ckpt(loaded[f"optim.{key}.{e.name}"]), step)
+    _restore_extra_states(module, loaded, no_extra)
     if _is_zero(opt):
         for flat in opt.single_partition_of_fp32_groups:  # also partitions that hold no fragment here
             st = opt.optimizer.state[flat]
@@ -382,11 +552,11 @@ def load_weights_only(engine, step_dir: str) -> dict:
     states = torch.load(f, map_location="cpu", weights_only=False)
     full = states["module"]
     with torch.no_grad():
-        for name, t in _model_tensors(engine.module):
-            w = full[name]
-            for axis, rank, n in _Placement(name, t).offsets:
+        for e in checkpoint_table(engine.module):
+            w = full[e.key]  # the full tensor (the stacked one for a per-expert weight)
+            for axis, rank, n in e.offsets:
                 w = w.chunk(n, dim=axis)[rank]
-            t.data.copy_(w)
+            e.tensor.data.copy_(e.from_ckpt(w))
     if _is_zero(engine.optimizer):
         engine.optimizer.refresh_fp32_params()
     step = int(states.get("step", states.get("global_steps", 0)) or 0)
@@ -430,10 +600,12 @@ def load_trained_model(path: str, tag: str | None = None, linear_backend: str = 
         import torch.distributed.checkpoint as dcp
 
         state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        # extra states (TE's FP8 history) are per-rank objects, not weights: the model keeps its own
+        extra = {k: state.pop(k) for k in list(state) if k.endswith("._extra_state")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
             dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(step_dir, DIST)), no_dist=True)
-        model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+        model.load_state_dict({k[len("model."):]: v for k, v in {**state, **extra}.items()})
     else:
         states = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                             weights_only=False)
