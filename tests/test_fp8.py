@@ -115,6 +115,8 @@ def test_torchao_converts_the_block_linears_and_quantizes(recipe, caplog):
     assert converted == block_linears(ref) and len(converted) == 5 * cfg.model.n_unique_layers  # qkv, proj, w1/w3/w2
     assert isinstance(model.head, nn.Linear) and not isinstance(model.head, Float8Linear)
     assert fp8.fp8_layers(model) == converted
+    # Float8Linear keeps nn.Linear's parameters: checkpoints move between FP8 and bf16 runs unchanged
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     log = caplog.text
     assert f"{len(converted)} layers run their GEMMs in FP8" in log and "routed experts stay bf16" in log
     # the forward really runs FP8 GEMMs: logits differ from the same weights in fp32 by FP8's rounding
@@ -235,6 +237,39 @@ def test_recompute_without_te_modules_stays_torch(fake_te, one_thread):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the amax reduction group: tensor- and data-parallel ranks of this pipeline stage
+
+
+@pytest.mark.slow
+def test_amax_group_spans_tensor_and_data_parallel_ranks():
+    from conftest import run_torchrun
+
+    run_torchrun(__file__, nproc=4)
+
+
+def _amax_worker() -> None:
+    """World 4 (gloo): for each TP x PP layout, the amax group holds exactly the ranks of this rank's
+    pipeline stage (all its TP and DP ranks; megatron's rank order is tp fastest, pp slowest) and an
+    all-reduce over it counts them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for tp, pp in ((2, 1), (1, 1), (2, 2), (1, 2)):
+        ps.initialize_model_parallel(tp, pp)
+        group = fp8.amax_reduction_group()
+        per_stage = world // pp
+        expected = [r for r in range(world) if r // per_stage == rank // per_stage]
+        assert dist.get_process_group_ranks(group) == expected, (tp, pp, dist.get_process_group_ranks(group))
+        n = torch.ones(())
+        dist.all_reduce(n, group=group)
+        assert n.item() == len(expected)
+        ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
 # the pipeline stage: each micro-batch's forward inside the context
 
 
@@ -322,3 +357,7 @@ def test_te_recompute_under_fp8_matches_no_recompute(single_process_group):
         grads.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+if __name__ == "__main__":
+    _amax_worker()
