@@ -14,10 +14,63 @@
 #   EXTRA_ARGS                  more section.key=value overrides, space separated
 #   PYTHON                      interpreter (default: $VIRTUAL_ENV, then <repo>/.venv, then python3)
 #   DRY_RUN=1                   print layout + srun command (NODES may be a list: NODES=1,4,16) and exit
-#   SRUN_ARGS                   extra srun options (e.g. "--label --cpu-bind=cores")
+#   SRUN_ARGS                   extra srun options (e.g. "--label"; they come after the site's binding options)
+# Site settings (network interfaces and HCAs, CPU binding, allocator): slurm/site.sh, the one file to edit.
 
 lm_log() { printf '%s [loopmoe-slurm] %s\n' "$(date +%H:%M:%S)" "$*"; }
 lm_die() { printf 'error: %s\n' "$*" >&2; exit "${2:-1}"; }
+
+# Export $1=$2 unless $2 is empty or $1 is already set (the submitting shell wins over slurm/site.sh).
+lm_export_default() {
+  [ -n "$2" ] && [ -z "${!1:-}" ] && export "$1=$2"
+  return 0
+}
+
+# The site block's settings as the environment of the tasks (see slurm/site.sh).
+lm_site_env() {
+  lm_export_default NCCL_SOCKET_IFNAME "${SITE_SOCKET_IFNAME:-}"
+  # gloo takes one interface name: NCCL's list / prefix / ^exclusion syntax is not for it. The first item, when
+  # it names an interface of this (the first) node; else gloo picks (the host name's address).
+  local first=${SITE_SOCKET_IFNAME%%,*}; first=${first#=}
+  if [ -n "$first" ] && [ -e "/sys/class/net/$first" ]; then lm_export_default GLOO_SOCKET_IFNAME "$first"; fi
+  lm_export_default NCCL_IB_HCA "${SITE_IB_HCA:-}"
+  lm_export_default NCCL_IB_GID_INDEX "${SITE_IB_GID_INDEX:-}"
+  lm_export_default NCCL_IB_TIMEOUT "${SITE_IB_TIMEOUT:-}"
+  lm_export_default NCCL_IB_RETRY_CNT "${SITE_IB_RETRY_CNT:-}"
+  lm_export_default NCCL_DEBUG "${SITE_NCCL_DEBUG:-}"
+  if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}${PYTORCH_ALLOC_CONF:-}" ]; then
+    lm_export_default PYTORCH_CUDA_ALLOC_CONF "${SITE_CUDA_ALLOC_CONF:-}"
+  fi
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a failed rank aborts, no hang
+}
+
+# One line: what the job's network, binding and allocator settings are ("-" = not set: the library picks).
+lm_site_summary() {
+  local v out="site:"
+  for v in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_GID_INDEX NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT \
+           NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF PYTORCH_ALLOC_CONF; do
+    [ -n "${!v:-}" ] && out+=" $v=${!v}"
+  done
+  echo "$out cpu-bind=${SITE_CPU_BIND:-(Slurm default)} distribution=${SITE_DISTRIBUTION:-(Slurm default)}" \
+       "(unset NCCL/gloo variables: the library picks; edit slurm/site.sh)"
+}
+
+# The rendezvous port: from the job id and restart count (two jobs sharing a node, or a requeued run whose
+# old port is still in TIME_WAIT, do not collide), BELOW the kernel's ephemeral range, from which every
+# outgoing connection (NCCL's and gloo's sockets, any other job's) takes its local port: a port there can be
+# in use when rank 0 binds it. The range is read on this node (the batch shell runs on the first node, where
+# rank 0 listens): [10000, start of the range), normally 10000-32767; above the range if it starts too low.
+# $1: the range as "low high" (default: this node's /proc/sys/net/ipv4/ip_local_port_range).
+lm_master_port() {
+  local lo=32768 hi=60999 range=${1:-} base span
+  [ -n "$range" ] || range=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null)
+  read -r lo hi <<< "$range"
+  [[ $lo =~ ^[0-9]+$ && $hi =~ ^[0-9]+$ ]] || { lo=32768; hi=60999; }
+  base=10000 span=$((lo - 10000))
+  if [ "$span" -lt 1000 ]; then base=$((hi + 1)) span=$((65536 - hi - 1)); fi
+  if [ "$span" -lt 1000 ]; then base=10000 span=22768; fi  # no room outside the range: the usual one
+  echo $((base + (${SLURM_JOB_ID:-0} + 997 * ${SLURM_RESTART_COUNT:-0}) % span))
+}
 
 # The step of the checkpoint <dir>/latest names (0 when there is none).
 lm_latest_step() {
@@ -92,6 +145,8 @@ lm_setup() {
   ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
   [ -f "$ROOT/pretrain_loopmoe.py" ] || lm_die "$ROOT is not the repository root (no pretrain_loopmoe.py): submit from the repository root or set LOOPMOE_ROOT"
   cd "$ROOT" || exit 1
+  # shellcheck source=site.sh
+  source "$ROOT/slurm/site.sh" || lm_die "$ROOT/slurm/site.sh not found (the site block: network, binding, allocator)"
   if [ -z "${PYTHON:-}" ]; then
     if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then PYTHON=$VIRTUAL_ENV/bin/python
     elif [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python
@@ -126,7 +181,10 @@ lm_setup() {
 lm_srun_cmd() {
   SRUN_CMD=(srun --nodes="$1" --ntasks-per-node="$NTASKS_PER_NODE" --ntasks="$L_WORLD" --kill-on-bad-exit=1
             --chdir="$ROOT")
+  # srun no longer inherits --cpus-per-task from the job (Slurm 22.05+): pass it, the binding needs it.
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN_CMD+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+  if [ -n "${SITE_CPU_BIND:-}" ]; then SRUN_CMD+=(--cpu-bind="$SITE_CPU_BIND"); fi
+  if [ -n "${SITE_DISTRIBUTION:-}" ]; then SRUN_CMD+=(--distribution="$SITE_DISTRIBUTION"); fi
   local sargs=(); read -r -a sargs <<< "${SRUN_ARGS:-}"
   SRUN_CMD+=("${sargs[@]}" "$PYTHON" -u pretrain_loopmoe.py --config "$CONFIG" "${OVERRIDES[@]}")
   if [ -n "${GLOBAL_BATCH:-}" ]; then SRUN_CMD+=("train.grad_accum=$L_ACCUM"); fi
@@ -154,7 +212,9 @@ lm_dry_run() {
     eval "$lay"
     lm_describe "$n"
     lm_srun_cmd "$n"
-    echo "env: MASTER_ADDR=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -1) MASTER_PORT=20000+(job id + 997 x restarts) % 20000"
+    echo "env: MASTER_ADDR=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -1)${SITE_MASTER_HOST_SUFFIX:-}" \
+         "MASTER_PORT=10000+(job id + 997 x restarts) % (start of the ephemeral port range - 10000), e.g. job 1234: $(SLURM_JOB_ID=1234 lm_master_port)"
+    (lm_site_env; lm_site_summary)  # a subshell: the dry run exports nothing
     printf 'command:'; printf ' %q' "${SRUN_CMD[@]}"; echo
   done
   return $rc
@@ -188,15 +248,18 @@ lm_run_job() {
   [ ${#missing[@]} -eq 0 ] || lm_die "missing: ${missing[*]} (set DATA_PREFIX / TOKENIZER; make them with data_tools/)"
 
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -1)
+  export MASTER_ADDR=${MASTER_ADDR:+$MASTER_ADDR${SITE_MASTER_HOST_SUFFIX:-}}
   export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-  export MASTER_PORT=$((20000 + (SLURM_JOB_ID + 997 * ${SLURM_RESTART_COUNT:-0}) % 20000))
+  MASTER_PORT=$(lm_master_port); export MASTER_PORT
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-  export PYTHONUNBUFFERED=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  export PYTHONUNBUFFERED=1
+  lm_site_env
 
   local start; start=$(lm_latest_step "$L_CKPT_DIR")
   lm_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST" \
          "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
   lm_describe "$NODES"
+  lm_log "$(lm_site_summary)"
   lm_log "run dir $L_RUN_DIR, checkpoints $L_CKPT_DIR: $([ "$start" -gt 0 ] && echo "resuming from step $start" || echo "fresh start")"
   if [ "$start" -ge "$L_STEPS" ]; then
     lm_log "finished already (latest step $start >= train.steps $L_STEPS): nothing to do"

@@ -62,7 +62,7 @@ def base_env(**extra) -> dict[str, str]:
 # (d) no cluster needed: syntax, header, dry run
 
 
-@pytest.mark.parametrize("path", TEMPLATES + ["slurm/common.sh"])
+@pytest.mark.parametrize("path", TEMPLATES + ["slurm/common.sh", "slurm/site.sh"])
 def test_bash_syntax(path):
     subprocess.run(["bash", "-n", path], cwd=ROOT, check=True)
 
@@ -81,13 +81,16 @@ def dry_run(template, nodes="1,4,16", **env) -> subprocess.CompletedProcess:
                           env=base_env(DRY_RUN="1", NODES=nodes, **env))
 
 
-@pytest.mark.parametrize("template,model,accum", [
-    ("slurm/loopmoe_3b.sbatch", "loopmoe_3b", {1: 16, 4: 4, 16: 1}),   # micro 2 x accum x DP = 256
-    ("slurm/loopmoe_3b.sbatch", "vanilla_3b", {1: 16, 4: 4, 16: 1}),
-    ("slurm/loopmoe_9b.sbatch", "loopmoe_9b", {1: 32, 4: 8, 16: 2}),   # micro 1
-    ("slurm/loopmoe_9b.sbatch", "vanilla_9b", {1: 32, 4: 8, 16: 2}),
+@pytest.mark.parametrize("template,model", [
+    ("slurm/loopmoe_3b.sbatch", "loopmoe_3b"), ("slurm/loopmoe_3b.sbatch", "vanilla_3b"),
+    ("slurm/loopmoe_9b.sbatch", "loopmoe_9b"), ("slurm/loopmoe_9b.sbatch", "vanilla_9b"),
 ])
-def test_dry_run_layout_for_1_4_16_nodes(template, model, accum):
+def test_dry_run_layout_for_1_4_16_nodes(template, model):
+    from loopmoe.config import load_config
+
+    micro = load_config(os.path.join(ROOT, "configs", f"{model}.yaml")).train.micro_batch  # the preset's (memory.md)
+    accum = {n: 256 // (micro * 8 * n) for n in (1, 4, 16)}  # micro x accum x DP = 256 samples at every size
+    assert all(a >= 1 and a * micro * 8 * n == 256 for n, a in accum.items()), (micro, accum)
     out = dry_run(template, MODEL=model)  # run from /: the template finds the repository itself
     assert out.returncode == 0, out.stdout + out.stderr
     blocks = out.stdout.split("-- NODES=")[1:]
@@ -96,11 +99,13 @@ def test_dry_run_layout_for_1_4_16_nodes(template, model, accum):
         world = 8 * n
         assert f"{n} node(s) x 8 tasks (8 GPUs/node, NCCL) = world {world} | TP 1 x PP 1 x DP {world}" in b, b
         assert "| EP 8 (" in b
-        assert re.search(rf"global batch 256 = micro \d x accum {accum[n]} x DP {world} \(1048576 tokens/step\)", b), b
+        assert re.search(rf"global batch 256 = micro {micro} x accum {accum[n]} x DP {world} \(1048576 tokens/step\)", b), b
         cmd = b.split("command: ", 1)[1].splitlines()[0]
         assert cmd.startswith(f"srun --nodes={n} --ntasks-per-node=8 --ntasks={world} --kill-on-bad-exit=1 ")
         assert f"pretrain_loopmoe.py --config configs/{model}.yaml " in cmd
         assert f"logging.run_dir=runs/{model}" in cmd and f"train.grad_accum={accum[n]}" in cmd
+        assert " --cpu-bind=cores " in cmd  # the site block's default: each task on its own cores
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in b  # the site line of the dry run
 
 
 def test_dry_run_overrides_and_extra_args():
@@ -132,6 +137,69 @@ def test_dry_run_refuses_layouts_that_do_not_divide(env, pattern):
     assert out.returncode != 0
     assert re.search(pattern, out.stdout + out.stderr), out.stdout + out.stderr
     assert "error: " in out.stdout and "command:" not in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The site block (slurm/site.sh) and the rendezvous port
+
+
+def site_env(script: str, **env) -> dict[str, str]:
+    """The environment the job's tasks get after ``script`` (run after slurm/site.sh) and lm_site_env."""
+    out = subprocess.run(["bash", "-c", f"source slurm/site.sh; source slurm/common.sh; {script}; lm_site_env; env -0"],
+                         cwd=ROOT, env=base_env(**env), capture_output=True, text=True, timeout=600, check=True)
+    return dict(kv.split("=", 1) for kv in out.stdout.split("\0") if "=" in kv)
+
+
+def test_templates_leave_network_settings_to_the_site_block():
+    for path in TEMPLATES + ["slurm/common.sh"]:
+        with open(os.path.join(ROOT, path)) as f:
+            text = f.read()
+        assert not re.search(r"^\s*(export\s+)?(NCCL|GLOO)_\w+=", text, re.M), path  # no second place to edit
+        assert "slurm/site.sh" in text, path  # each points to it
+
+
+def test_site_defaults_let_nccl_and_gloo_pick_and_expand_segments():
+    env = site_env(":")
+    assert not [k for k in env if k.startswith(("NCCL_", "GLOO_"))], env  # single NIC, CI: the libraries pick
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+def test_site_block_reaches_the_tasks_and_the_submitting_shell_wins():
+    env = site_env("SITE_SOCKET_IFNAME=lo,ib0 SITE_IB_HCA=mlx5_0,mlx5_1 SITE_IB_GID_INDEX=3 SITE_NCCL_DEBUG=INFO",
+                   NCCL_DEBUG="WARN", PYTORCH_ALLOC_CONF="backend:native")
+    assert env["NCCL_SOCKET_IFNAME"] == "lo,ib0" and env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"
+    assert env["NCCL_IB_GID_INDEX"] == "3"
+    assert env["GLOO_SOCKET_IFNAME"] == "lo"  # gloo takes one name: the first, an interface of this node
+    assert env["NCCL_DEBUG"] == "WARN"  # set in the submitting shell: kept
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["PYTORCH_ALLOC_CONF"] == "backend:native"
+    env = site_env("SITE_SOCKET_IFNAME=^docker,lo")  # NCCL's exclusion syntax means nothing to gloo
+    assert env["NCCL_SOCKET_IFNAME"] == "^docker,lo" and "GLOO_SOCKET_IFNAME" not in env
+    env = site_env("SITE_SOCKET_IFNAME=no-such-nic0")  # not an interface here: gloo is left to pick
+    assert env["NCCL_SOCKET_IFNAME"] == "no-such-nic0" and "GLOO_SOCKET_IFNAME" not in env
+
+
+def master_ports(jobs: range, restarts: int = 0, port_range: str = "") -> list[int]:
+    """lm_master_port for every job id in ``jobs`` (port_range "low high"; empty: this machine's)."""
+    loop = (f"for j in $(seq {jobs.start} {jobs.step} {jobs.stop - 1}); do "
+            f"SLURM_JOB_ID=$j SLURM_RESTART_COUNT={restarts} lm_master_port '{port_range}'; done")
+    out = subprocess.run(["bash", "-c", f"source slurm/common.sh; {loop}"], cwd=ROOT, env=base_env(),
+                         capture_output=True, text=True, timeout=600, check=True)
+    ports = [int(p) for p in out.stdout.split()]
+    assert len(ports) == len(jobs)
+    return ports
+
+
+def test_master_port_is_outside_the_ephemeral_range():
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo, hi = map(int, f.read().split())
+    jobs = range(1, 40000, 7)
+    for ports, (first, last) in ((master_ports(jobs), (10000, lo - 1)),  # this machine's range
+                                 (master_ports(jobs, port_range="32768 60999"), (10000, 32767)),  # Linux default
+                                 (master_ports(jobs, port_range="5000 60999"), (61000, 65535))):  # a low range
+        assert first <= min(ports) and max(ports) <= last, (min(ports), max(ports), first, last)
+    assert len(set(master_ports(range(1000, 1200)))) == 200  # neighbouring jobs on a node do not collide
+    assert master_ports(range(1234, 1235), restarts=1) != master_ports(range(1234, 1235))  # nor a requeued run
 
 
 def test_refuses_to_run_outside_a_job():
@@ -212,6 +280,11 @@ class Job:
         """Whether processes of the job still run on this node (the test cluster is this one node)."""
         return subprocess.run(["scontrol", "listpids", self.id], capture_output=True).returncode == 0
 
+    @staticmethod
+    def environ(pid: int) -> dict[str, str]:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+
     def pid_of_rank(self, rank: int) -> int | None:
         """The pid of task `rank` of this job's training step (found by its environment)."""
         want = {f"SLURM_JOB_ID={self.id}".encode(), f"SLURM_PROCID={rank}".encode()}
@@ -282,6 +355,14 @@ def test_sbatch_trains_and_checkpoints(straight):
     assert latest(job.run_dir) == f"step_{STEPS:08d}"
     assert [r["step"] for r in records(job.run_dir) if "loss" in r] == list(range(1, STEPS + 1))
     assert (job.run_dir / "config.yaml").exists()
+    # The site block and the port, as the job used them.
+    port = int(re.search(r"MASTER_PORT=(\d+)", log).group(1))
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        assert 10000 <= port < int(f.read().split()[0]), port  # below the ephemeral range
+    site = [ln for ln in log.splitlines() if "[loopmoe-slurm] site:" in ln]
+    assert site and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in site[0] and "cpu-bind=cores" in site[0]
+    command = [ln for ln in log.splitlines() if "[loopmoe-slurm] command:" in ln]
+    assert command and " --cpu-bind=cores " in command[0], command
 
 
 @on_slurm
@@ -340,6 +421,10 @@ def test_kill_9_of_one_rank_fails_fast_and_next_launch_resumes(tmp_path, token_d
         wait_for(mid_interval, 180, "a step between two checkpoints", job)
         pid = job.pid_of_rank(1)
         assert pid, "rank 1 not found"
+        env = job.environ(pid)  # what srun handed the task: the site block's allocator setting, the job's port
+        assert env.get("PYTORCH_CUDA_ALLOC_CONF") == "expandable_segments:True", env
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            assert 10000 <= int(env["MASTER_PORT"]) < int(f.read().split()[0]) and env["SLURM_PROCID"] == "1"
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
         info = job.wait_state(TERMINAL, 60)
