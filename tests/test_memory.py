@@ -7,12 +7,23 @@ replayed live bytes (conftest.cpu_peak_bytes) is the measured figure. The estima
 which never sees the measurement. Identical runs with one micro-batch measured peaks that differ by up
 to one gradient-sized fp32 buffer (freed at a varying moment); the 15% covers it at these sizes.
 
-Run as a script it is that worker: ``python tests/test_memory.py OUT.json``.
+The busiest EP rank: two gloo processes (EP 2) route a skewed forced top-k (3/4 of the slots to rank 0's
+experts), so rank 0 runs 1.5x and rank 1 0.5x the mean of the routed rows; each rank's measured
+forward + backward peak is compared with the activation formula at that rank's load.
+
+The presets: ``python -m loopmoe.memory`` checks both at their Slurm layouts (read from slurm/*.sbatch,
+cross-checked here against the templates' own dry run) under 80% of an 80 GB GPU, with the CUDA context,
+NCCL buffers, allocator margin and busiest EP rank; it exits 1 when one does not fit.
+
+Run as a script it is that worker: ``python tests/test_memory.py OUT.json`` (``--ep OUT.json`` under
+torchrun with 2 processes: the EP worker).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -96,8 +107,8 @@ def test_cli_prints_the_breakdown_and_fit():
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "world 32 = TP 1 x PP 1 x DP 32; EP 8 (expert DP 4), ZeRO 1" in out
-    for word in ("weights", "gradients", "optimizer", "activations      none", "activations      full",
-                 "log-softmax", "MoE dispatch", "of 80 GB"):
+    for word in ("weights", "gradients", "optimizer", "activations", "allocated", "reserved", "CUDA context + NCCL",
+                 "\n       none ", "\n       full ", "log-softmax", "MoE dispatch", "MoE combine", "of 80 GB"):
         assert word in out, word
     bad = subprocess.run([sys.executable, "-m", "loopmoe.memory", "configs/loopmoe_9b.yaml", "parallel.ep=7"],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
@@ -111,7 +122,7 @@ def test_start_up_warns_when_the_estimate_exceeds_the_device(monkeypatch, caplog
     from loopmoe.config import load_config
     from loopmoe.parallel.layout import validate_layout
 
-    cfg = load_config("configs/loopmoe_3b.yaml", [])
+    cfg = load_config("configs/loopmoe_3b.yaml", ["train.micro_batch=2"])
     layout = validate_layout(cfg, 8)
     log = logging.getLogger("test_memory")
     monkeypatch.setattr(M, "device_memory", lambda: (40e9, "a 40 GB test device"))
@@ -126,6 +137,202 @@ def test_start_up_warns_when_the_estimate_exceeds_the_device(monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger="test_memory"):
         M.log_estimate(cfg, layout, log)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loopmoe.memory", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+
+
+def _dry_run_layout(preset: str, nodes: int) -> dict[str, int]:
+    """The Slurm template's own dry run (slurm/common.sh): world, DP, EP, micro-batch and grad_accum."""
+    res = subprocess.run(["bash", f"slurm/{preset}.sbatch"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DRY_RUN": "1", "NODES": str(nodes), "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = re.search(r"= world (\d+) \| TP (\d+) x PP (\d+) x DP (\d+) \| EP (\d+).*micro (\d+) x accum (\d+)", res.stdout)
+    assert m, res.stdout
+    return dict(zip(("world", "tp", "pp", "dp", "ep", "micro", "accum"), map(int, m.groups())))
+
+
+def test_preset_check_reads_the_slurm_layouts():
+    """The layout the estimator reads from a template is the one the template launches: its #SBATCH
+    --nodes, and world, DP, EP, micro-batch and grad_accum as its dry run (slurm/common.sh) computes them."""
+    from loopmoe.memory import PRESETS, preset_config, slurm_layout
+    from loopmoe.parallel.layout import validate_layout
+
+    for name in PRESETS:
+        sl = slurm_layout(name)
+        with open(os.path.join(ROOT, "slurm", f"{name}.sbatch")) as f:
+            nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", f.read(), re.M).group(1))
+        ref = _dry_run_layout(name, nodes)
+        cfg = preset_config(sl, [])
+        lay = validate_layout(cfg, sl.world)
+        got = dict(world=lay.world, tp=lay.tp, pp=lay.pp, dp=lay.dp, ep=lay.ep, micro=cfg.train.micro_batch,
+                   accum=cfg.train.grad_accum)
+        assert (sl.nodes, got) == (nodes, ref), (name, got, ref)
+
+
+def test_both_presets_fit_80_percent_of_an_h100_with_every_margin():
+    """``python -m loopmoe.memory`` (no config): both presets at their Slurm layouts, each total (reserved x
+    the allocator margin + CUDA context + NCCL, busiest EP rank) under 64 GB; exit 0."""
+    from loopmoe.memory import PRESETS
+
+    res = _cli()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    rows = {m.group(1): (float(m.group(2)), m.group(3)) for m in
+            re.finditer(r"^  (\S+)\s+\d+ GPUs .* total\s+([\d.]+) GB of 64 GB  (fits|DOES NOT FIT)$", res.stdout, re.M)}
+    assert set(rows) == set(PRESETS), res.stdout[-2000:]
+    for name, (total, verdict) in rows.items():
+        assert total <= 64.0 and verdict == "fits", (name, total, verdict)
+    # every margin is in the figure: the CUDA context + NCCL line, x1.15 reserved, the busiest rank's extra
+    assert res.stdout.count("CUDA context + NCCL") >= 2 and "reserved = allocated x 1.15" in res.stdout
+    assert "busiest EP rank: routed load x" in res.stdout
+
+
+def test_preset_check_fails_when_a_layout_does_not_fit():
+    """The same check exits 1 with a clear line when a preset does not fit: micro-batch 4 (grad_accum follows
+    the global batch) without recompute, or a smaller device; and a single config exits 1 the same way."""
+    big = _cli("--preset-check", "train.micro_batch=4")
+    assert big.returncode == 1, big.stdout[-2000:] + big.stderr
+    assert "DOES NOT FIT" in big.stdout and "error: a preset does not fit its budget" in big.stdout
+    small = _cli("--device-gb", "40")
+    assert small.returncode == 1 and "DOES NOT FIT" in small.stdout
+    one = _cli("configs/loopmoe_9b.yaml", "--world", "32", "train.grad_accum=8", "--device-gb", "40")
+    assert one.returncode == 1 and "DOES NOT FIT" in one.stdout
+
+
+def test_margins_add_up_and_vanish_on_the_cpu():
+    """total = allocated x (1 + fragmentation) + the CUDA context and NCCL buffers; the busiest-rank factor
+    grows only the EP-routed rows (EP 1: none); on the CPU the total is the allocation peak itself."""
+    from loopmoe.config import load_config
+    from loopmoe.memory import CUDA_CONTEXT_GB, GB, NCCL_ALLTOALL_GB, estimate
+    from loopmoe.parallel.layout import validate_layout
+
+    cfg = load_config("configs/loopmoe_3b.yaml", [])
+    lay = validate_layout(cfg, 8)
+    flat = estimate(cfg, lay, imbalance=1.0, fragmentation=0.0, overhead_gb=0.0)
+    est = estimate(cfg, lay, imbalance=1.5, fragmentation=0.2)
+    s = est.worst
+    assert s.overhead >= (CUDA_CONTEXT_GB + NCCL_ALLTOALL_GB) * GB  # EP 8: the all-to-all's buffers are in
+    for mode in ("none", "full"):
+        assert abs(s.total(mode) - (s.allocated(mode) * 1.2 + s.overhead)) < 1.0
+        assert s.activations[mode] - flat.worst.activations[mode] == pytest.approx(s.imbalance_bytes[mode])
+    assert s.imbalance_bytes["none"] > 0.5 * GB  # half the expert rows of 32 MoE passes again
+    cpu = estimate(cfg, lay, on_gpu=False)
+    assert cpu.total("none") == cpu.allocated("none")
+    ep1 = load_config("configs/loopmoe_3b.yaml", ["parallel.ep=1"])
+    one = estimate(ep1, validate_layout(ep1, 8), imbalance=2.0).worst
+    assert one.imbalance == 1.0 and one.imbalance_bytes["none"] == 0.0
+
+
+def test_training_logs_reserved_next_to_allocated(monkeypatch):
+    """On a GPU the metrics record has both peaks (mem_gib = max_memory_allocated, mem_reserved_gib =
+    max_memory_reserved) and the console shows both; on the CPU only the resident set."""
+    import torch
+
+    from loopmoe.train.callbacks import metrics as M
+
+    cpu = M.memory_record()
+    assert set(cpu) == {"mem_gib"} and cpu["mem_gib"] > 0
+    assert M.memory_text(cpu) == f"mem {cpu['mem_gib']:.2f} GiB"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 34.5 * 2**30)
+    gpu = M.memory_record()
+    assert gpu == {"mem_gib": 30.0, "mem_reserved_gib": 34.5}
+    assert M.memory_text(gpu) == "mem 30.00 / 34.50 GiB (alloc / reserved)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The busiest EP rank, measured: EP 2, forced skewed routing
+
+EP_CASE = BASE + ["model.linear_backend=torch", "train.micro_batch=2", "model.top_k=4", "model.expert_hidden=256"]
+HOT = 0.75  # fraction of every rank's slots routed to rank 0's experts
+
+
+@pytest.mark.slow
+def test_busiest_ep_rank_matches_measured_skewed_routing(tmp_path):  # two processes, ~40 s on 2 busy cores
+    from tests.test_parallel_harness import launch
+
+    out = tmp_path / "ep.json"
+    launch(os.path.abspath(__file__), ["--ep", str(out)], 2)
+    res = json.loads(out.read_text())
+    for r in res:  # each rank against the formula at its own load
+        est, meas, flat = r["estimate"], r["measured"], r["balanced_estimate"]
+        assert abs(est - meas) <= 0.15 * meas, (r["rank"], r["load"], est / 2**20, meas / 2**20)
+    hot, cold = sorted(res, key=lambda r: -r["load"])
+    assert hot["load"] == pytest.approx(2 * HOT) and cold["load"] == pytest.approx(2 * (1 - HOT))
+    # the balanced estimate misses the hot rank by more than the tolerance: the factor is needed
+    assert hot["measured"] - hot["balanced_estimate"] > 0.15 * hot["measured"], hot
+    # the difference between the two ranks is the load-scaled part alone
+    d_meas, d_est = hot["measured"] - cold["measured"], hot["estimate"] - cold["estimate"]
+    assert abs(d_est - d_meas) <= 0.25 * d_meas, (d_est / 2**20, d_meas / 2**20)
+
+
+def _skewed_topk(T: int, k: int, E: int, ep: int, hot: float):
+    """[T, k] distinct experts per token: the first ``hot`` of the tokens on rank 0's experts, the rest on the
+    last rank's, cycling through them so that every expert of a rank gets the same share."""
+    import torch
+
+    n_local = E // ep
+    n_hot = int(round(hot * T))
+    out = torch.empty(T, k, dtype=torch.long)
+    for t in range(T):
+        base = 0 if t < n_hot else E - n_local
+        out[t] = base + (torch.arange(k) + t) % n_local
+    return out
+
+
+def _ep_worker(out_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from loopmoe.config import load_config
+    from loopmoe.memory import micro_batch_activations
+    from loopmoe.model import LoopMoEModel
+    from tests.conftest import cpu_peak_bytes, ep_worker
+
+    torch.set_num_threads(1)
+    ep = 2
+    cfg = load_config(None, EP_CASE)
+    m, T = cfg.model, cfg.train.micro_batch * cfg.data.seq_len
+    res = []
+
+    def checks(rank: int) -> None:
+        torch.manual_seed(0)  # the same weights on both ranks (the experts are sliced from one draw)
+        model = LoopMoEModel(m, ep_size=ep)
+        x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len), generator=torch.Generator()
+                          .manual_seed(rank))
+        passes = [(r.layer, r.iteration) for r in model(x, return_routing=True).routing]
+        topk = _skewed_topk(T, m.top_k, m.n_experts, ep, HOT)
+        force = {p: topk for p in passes}
+        # this rank's routed rows / the mean: slots on its experts from every rank (all route alike)
+        mine = ((topk // (m.n_experts // ep)) == rank).sum().item() * ep
+        load = mine / (ep * T * m.top_k / ep)
+        box = {}
+        dist.barrier()
+        fwd_peak, kept, _ = cpu_peak_bytes(lambda: box.setdefault("out", model(x, labels=x, force_routing=force)))
+        bwd_peak, _, _ = cpu_peak_bytes(lambda: box.pop("out").loss.backward())
+        est, _ = micro_batch_activations(m, m.n_prelude, m.n_loop, m.n_coda, True, T, 1, False, 4, ep=ep,
+                                         imbalance=load)
+        flat, _ = micro_batch_activations(m, m.n_prelude, m.n_loop, m.n_coda, True, T, 1, False, 4, ep=ep,
+                                          imbalance=1.0)
+        r = {"rank": rank, "load": load, "measured": max(fwd_peak, kept + bwd_peak), "estimate": est["none"],
+             "balanced_estimate": flat["none"]}
+        gathered = [None] * ep
+        dist.all_gather_object(gathered, r)
+        if rank == 0:
+            res.extend(gathered)
+            for g in gathered:
+                print(f"rank {g['rank']} load x{g['load']:.2f}: measured {g['measured'] / 2**20:.1f} MiB, estimate "
+                      f"{g['estimate'] / 2**20:.1f} MiB (balanced {g['balanced_estimate'] / 2**20:.1f})", flush=True)
+        del model, box
+
+    ep_worker(checks, ep)
+    if res:
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(res, f)
+        os.replace(out_path + ".tmp", out_path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,7 +372,7 @@ def _measure(overrides: list[str]) -> dict:
 
     gc.collect()
     peak, _, min_live = cpu_peak_bytes(train_two_steps)
-    est = estimate(cfg, layout)
+    est = estimate(cfg, layout, on_gpu=False)  # the CPU: no CUDA context, NCCL buffers or allocator margin
     s = est.stages[0]
     mode = cfg.train.recompute
     return {"peak": peak, "min_live": min_live, "estimate": est.total(mode),
@@ -193,4 +400,7 @@ def _worker(out_path: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    _worker(sys.argv[1])
+    if sys.argv[1] == "--ep":
+        _ep_worker(sys.argv[2])
+    else:
+        _worker(sys.argv[1])

@@ -62,6 +62,25 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def memory_record() -> dict[str, float]:
+    """GPU: the peaks of PyTorch's allocations (mem_gib) and of the caching allocator's segments
+    (mem_reserved_gib; their gap is the fragmentation the estimator's --fragmentation margin covers, see
+    docs/memory.md). CPU: the process's resident set (mem_gib), no reserved figure."""
+    if torch.cuda.is_available():
+        return {"mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    import psutil
+
+    return {"mem_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+def memory_text(rec: dict) -> str:
+    """The console's memory field: 'mem 30.12 / 33.40 GiB (alloc / reserved)' on a GPU, 'mem 1.20 GiB' else."""
+    if "mem_reserved_gib" in rec:
+        return f"mem {rec['mem_gib']:.2f} / {rec['mem_reserved_gib']:.2f} GiB (alloc / reserved)"
+    return f"mem {rec['mem_gib']:.2f} GiB"
+
+
 class MetricsLogger(Callback):
     priority = 20  # after the callbacks that record metrics (validation), before the checkpoint
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
@@ -105,12 +124,7 @@ class MetricsLogger(Callback):
         if self.peak > 0:
             rec["mfu"] = tflops / self.peak
             rec["peak_tflops"] = self.peak  # stated, by GPU name, or measured on the CPU (loopmoe/train/peak.py)
-        if torch.cuda.is_available():
-            rec["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            import psutil
-
-            rec["mem_gib"] = psutil.Process().memory_info().rss / 2**30
+        rec.update(memory_record())
         if not self.is_main:
             return
         with open(self.jsonl_path, "a") as f:
@@ -121,7 +135,7 @@ class MetricsLogger(Callback):
                 f"aux {rec['lb_loss']:.3f} z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
                 f"{tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s"
                 + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.3g})" if "mfu" in rec else " | MFU n/a (peak unknown)")
-                + f" | mem {rec['mem_gib']:.2f} GiB")
+                + f" | {memory_text(rec)}")
         if has_val:
             exits = " ".join(f"exit{k[len('val/loss_exit'):]} {v:.4f}" for k, v in rec.items() if k.startswith("val/loss_exit"))
             line += f"\n  validation: loss {rec['val/loss']:.4f}" + (f" | per exit: {exits}" if exits else "")
