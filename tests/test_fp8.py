@@ -124,8 +124,21 @@ def test_torchao_converts_the_block_linears_and_quantizes(recipe, caplog):
     x = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ref(x).logits, model(x).logits
+        # one FP8 GEMM (torch._scaled_mm, on the CPU here) per converted linear per executed layer
+        assert aten_calls(lambda: model(x), "aten::_scaled_mm") == 5 * cfg.model.n_executed_layers
+        assert aten_calls(lambda: ref(x), "aten::_scaled_mm") == 0
     rel = ((a - b).norm() / a.norm()).item()
     assert 1e-3 < rel < 0.1, rel
+
+
+def aten_calls(fn, op: str) -> int:
+    """How many times the aten op ``op`` (e.g. "aten::_scaled_mm") runs inside ``fn()`` (torch's profiler
+    sees the ops a tensor subclass issues, which a dispatch mode around the model does not)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
 def markov_batches(steps: int, b: int = 4, s: int = 32, seed: int = 0):
@@ -226,6 +239,21 @@ def test_recompute_of_te_layers_uses_te_checkpoint(fake_te, one_thread):
         torch.testing.assert_close(a.ffn.router.load_acc, b.ffn.router.load_acc)
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_under_torchao_fp8_matches_no_recompute(mode, one_thread):
+    """torchao's dynamic scaling has no state: torch's checkpoint recomputes the same FP8 GEMMs."""
+    x, y = next(markov_batches(1, b=2, s=16))
+    grads = []
+    for recompute in ("none", mode):
+        cfg = torchao_cfg("tensorwise", f"train.recompute={recompute}")
+        torch.manual_seed(0)
+        model = fp8.prepare_fp8(LoopMoEModel(cfg.model, recompute=recompute), cfg)
+        model(x, labels=y).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
 def test_recompute_without_te_modules_stays_torch(fake_te, one_thread):
     """TE loaded but the layer has none of its modules (megatron/torch backends): torch's checkpoint."""
     cfg = cfg_("model.linear_backend=torch")
@@ -311,13 +339,15 @@ def test_pipeline_stage_forward_runs_inside_the_autocast(single_process_group, o
 # Transformer Engine itself (CUDA + TE only)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Transformer Engine's FP8)")
+
+
 def _te_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (Transformer Engine's FP8)")
     return pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_te_autocast_runs_the_linear_in_fp8(recipe, single_process_group):
     te = _te_or_skip()
@@ -338,6 +368,7 @@ def test_te_autocast_runs_the_linear_in_fp8(recipe, single_process_group):
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_te_recompute_under_fp8_matches_no_recompute(single_process_group):
     """Current scaling (no history): with and without TE's checkpoint the FP8 gradients agree."""
     te = _te_or_skip()
