@@ -53,6 +53,12 @@ class Routing:
 
 
 class Router(nn.Module):
+    # Buffers kept in fp32 when DeepSpeed trains the model in bf16 (deepspeed/runtime/keep_in_fp32.py, read
+    # against 0.19.8: the transformers attribute, honoured by the engine's module cast even when
+    # ``data_types.buffer_dtype`` asks for bf16 buffers). In bf16 an aux-free bias of |b| >= 0.5 would
+    # swallow the 1e-3 updates (bf16 spacing there is 2^-8 .. 2^-7), and load counts above 256 would round.
+    _keep_in_fp32_modules_strict = ["bias", "load_acc"]
+
     def __init__(self, cfg):
         super().__init__()
         self.n_experts, self.k = cfg.n_experts, cfg.top_k

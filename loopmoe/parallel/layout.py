@@ -201,9 +201,12 @@ def _problems(cfg: Config, world: int, tp: int, pp: int, ep: int, sp: bool, zero
         if dp % ep:
             out.append(f"EP={ep} does not divide the data-parallel size DP={dp} (= world {world} / (TP {tp} x PP {pp})): "
                        "expert-parallel groups are made of data-parallel ranks (DeepSpeed's rule)")
+    # Kept (DeepSpeed 0.19.8, engine._do_optimizer_sanity_check): without ZeRO, bf16 weights with fp32
+    # gradient accumulation raise NotImplementedError, and its one ZeRO-0 bf16 optimizer (FP16_Optimizer in
+    # bf16) sums and all-reduces the gradients in bf16.
     if cfg.train.precision in ("bf16", "fp8") and zero == 0:
-        out.append(f"train.precision={cfg.train.precision} with ZeRO 0: DeepSpeed's bf16 optimizer keeps fp32 "
-                   "partitions the checkpoint does not read; use ZeRO 1 or 2 (train.zero_stage=1)")
+        out.append(f"train.precision={cfg.train.precision} with ZeRO 0: DeepSpeed has no ZeRO-0 bf16 optimizer "
+                   "that accumulates and reduces gradients in fp32; use ZeRO 1 or 2 (train.zero_stage=1)")
     if split and len(split) != pp:
         out.append(f"parallel.pp_split={list(split)} has {len(split)} stages but PP={pp}")
     if pp > 1:
