@@ -21,14 +21,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", help="a YAML preset (configs/*.yaml); defaults apply to what it leaves out")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config (YAML, with each field's meaning) and exit")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 model.loop_iters=3")
-    return ap.parse_args(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:  # argparse alone says only "unrecognized arguments": name the form it expected
+        flag = next((u for u in unknown if u.startswith("--") and "." in u.split("=", 1)[0]), None)
+        hint = ""
+        if flag is not None:
+            key, _, value = flag[2:].partition("=")
+            hint = f"; overrides are section.key=value, e.g. {key}={value or 'VALUE'} (no dashes)"
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def launcher_rank() -> int:
+    """The launcher's rank before any process group exists (torchrun, mpirun, srun; 0 alone)."""
+    env = os.environ
+    return int(env.get("RANK") or env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("SLURM_PROCID") or 0)
+
+
+def say_once(line: str) -> None:
+    """An error every rank finds alike (config, layout, inputs): printed by rank 0 only, not once per rank."""
+    if launcher_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loopmoe.train.callbacks.signals import catch_early_signals
+    from loopmoe.train.callbacks.signals import EXIT_INTERRUPTED, Interrupted, catch_early_signals
 
     catch_early_signals()  # a Slurm USR1/TERM during start-up must not kill the job before it can checkpoint
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except Interrupted:  # Ctrl-C before the first step: nothing trained, nothing to save, no traceback
+        say_once("interrupted during start-up (before the first step): nothing to save; rerun the same "
+                 "command to start again")
+        return EXIT_INTERRUPTED
+
+
+def run(args: argparse.Namespace) -> int:
     from loopmoe.quiet import quiet_start
 
     quiet_start(report=not args.print_config, device_line=True)  # before megatron-core and DeepSpeed are imported
@@ -41,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_wandb(cfg)  # W&B asked for but not installed: say so now, not after the model is built
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        say_once(f"config error: {e}")
         return 2
     if args.print_config:
         from loopmoe.config_help import commented_yaml
@@ -49,21 +77,40 @@ def main(argv: list[str] | None = None) -> int:
         print(commented_yaml(cfg), end="")  # YAML with each field's meaning as a comment
         return 0
     from loopmoe.train import setup
+    from loopmoe.tokenizer_fingerprint import TokenizerMismatch
     from loopmoe.train.preflight import PreflightError, preflight
 
     # The launcher's rank (process groups come later): the preflight's warnings go to the run's log format.
-    env = os.environ
-    setup.setup_logging(int(env.get("RANK") or env.get("OMPI_COMM_WORLD_RANK") or env.get("SLURM_PROCID") or 0))
+    setup.setup_logging(launcher_rank())
     try:  # data, tokenizer, DeepSpeed config, checkpoint: before process groups, model or engine exist
         resume_tag = preflight(cfg, layout)
-    except PreflightError as e:
-        print(f"input error: {e}", file=sys.stderr)
+        check_before_writing(cfg, resume_tag)
+    except (PreflightError, ConfigError, TokenizerMismatch) as e:  # ResumeConfigError is a ConfigError
+        say_once(f"input error: {e}")
         return 2
     from loopmoe.parallel.distributed import shutdown
 
     rc = train(cfg, layout, resume_tag)
     shutdown()  # after train() returned: its model, engine and groups' users are gone, the groups go now
     return rc
+
+
+def check_before_writing(cfg, resume_tag: str | None) -> None:
+    """What the preflight does not check, before the run directory is touched: the data's tokenizer
+    record against data.tokenizer_model, and a resume's config against the checkpoint's."""
+    from loopmoe.tokenizer_fingerprint import check_prefix
+    from loopmoe.train import setup
+    from loopmoe.train.resume_check import check_resume_config
+
+    unrecorded = [p for i, p in enumerate(cfg.data.prefixes)
+                  if not check_prefix(p, cfg.data.tokenizer_model, where=f"data.prefixes[{i}]")]
+    if unrecorded and launcher_rank() == 0:
+        setup.log.warning("no tokenizer record (PREFIX.tokenizer.json) beside %s: data made before records existed; "
+                          "its tokenizer cannot be checked (re-run data_tools/preprocess.py to add one)",
+                          ", ".join(unrecorded))
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
+    # checkpoint.allow_schedule_change: a field of config.py's CheckpointConfig (False where it is absent)
+    check_resume_config(cfg, ckpt_dir, resume_tag, getattr(cfg.checkpoint, "allow_schedule_change", False))
 
 
 def train(cfg, layout, resume_tag: str | None) -> int:
@@ -74,7 +121,7 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     from loopmoe.train import setup
     from loopmoe.train.callbacks.checkpointing import CheckpointEvery
     from loopmoe.train.callbacks.metrics import MetricsLogger, default_peak_tflops
-    from loopmoe.train.callbacks.signals import StopOnSignal
+    from loopmoe.train.callbacks.signals import EXIT_INTERRUPTED, StopOnSignal
     from loopmoe.train.callbacks.validation import Validate
     from loopmoe.train.checkpoint import CheckpointError, Checkpointer
     from loopmoe.train.engine import build_engine
@@ -108,7 +155,8 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     peak = default_peak_tflops(cfg.train.precision, cfg.logging.peak_tflops)  # stated, by GPU name or measured
     from loopmoe.train.callbacks.wandb_sink import wandb_sinks
 
-    callbacks = [StopOnSignal(), Validate(valid_batches),
+    signals = StopOnSignal()
+    callbacks = [signals, Validate(valid_batches),
                  MetricsLogger(run_dir, setup.train_flops_per_token(cfg), peak, cfg.logging.tensorboard,
                                cfg.logging.progress_bar, sinks=wandb_sinks(cfg, denv.is_main)),
                  CheckpointEvery(ckpt)]
@@ -122,6 +170,10 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     except CheckpointError as e:  # a save could not be written (disk full...); the previous one is intact
         setup.log.error("%s", e)
         return 4
+    if state.step < cfg.train.steps:  # a signal or train.exit_interval stopped it; the step is saved
+        setup.log.info("stopped at step %d; rerun the same command to resume (checkpoints in %s)",
+                       state.step, cfg.checkpoint.dir)
+        return EXIT_INTERRUPTED if signals.received == "SIGINT" else 0  # a script that ran it stops too
     setup.log.info("done at step %d; checkpoints in %s", state.step, cfg.checkpoint.dir)
     return 0
 
