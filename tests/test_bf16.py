@@ -179,6 +179,17 @@ def test_load_restores_the_state_and_the_run_continues_bitwise(runs, name):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="checkpoint.py refreshes the fp32 masters for DeepSpeedZeroOptimizer only; "
+                   "it must call zero_state.refresh_master(opt) (and finish_load) so BF16_Optimizer's are too")
+def test_an_fp32_checkpoint_loads_into_a_bf16_run_with_fresh_masters(runs):
+    """A checkpoint without masters (fp32 run) resumed in bf16: BF16_Optimizer's fp32 masters must be the
+    loaded weights, else its next step writes the initial weights back into the model."""
+    r = runs[0]["fp32->bf16"]
+    assert r["optimizer"] == "BF16_Optimizer" and r["n"] > 10_000
+    assert r["stale_master_elements"] == 0, r
+
+
+@pytest.mark.slow
 def test_pretrain_trains_in_bf16_and_resumes_bitwise(tmp_path, token_prefix):  # noqa: F811
     """pretrain_loopmoe.py with train.precision=bf16 (ZeRO-1: BF16_Optimizer) on the CPU: the loss falls
     from ln(1024) over 8 steps; stopped at step 4 and resumed, steps 5-8 repeat the uninterrupted losses
@@ -407,6 +418,24 @@ def _buffer_cast_case(d) -> dict:
     return res
 
 
+def _fp32_checkpoint_into_bf16(d) -> dict:
+    """Z1-fp32's checkpoint (no masters saved) loaded by a bf16 ZeRO-1 engine (BF16_Optimizer): how many
+    elements of the fp32 masters do not round to the loaded bf16 weights (0: the masters were refreshed
+    from the loaded weights, not left at the initialisation)."""
+    from loopmoe.train.checkpoint import Checkpointer
+
+    _, _, module, engine = _build("fp32->bf16", 1, "bf16", 1)
+    Checkpointer(os.path.join(d, "Z1-fp32")).load(engine)
+    masters = _live_state(engine)
+    bad = sum(int((masters[f"optim.master.{n}"].bfloat16() != p.detach()).sum())
+              for n, p in module.named_parameters())
+    res = {"optimizer": type(engine.optimizer).__name__, "stale_master_elements": bad,
+           "n": sum(p.numel() for p in module.parameters())}
+    del engine, module
+    _teardown()
+    return res
+
+
 def _worker(mode: str, d: str) -> None:
     import torch.distributed as dist
 
@@ -418,6 +447,8 @@ def _worker(mode: str, d: str) -> None:
         res["buffer_dtype=bf16"] = _buffer_cast_case(d)
     for name, (zero, precision, ep) in (CASES_ONE if mode == "one" else CASES_TWO).items():
         res[name] = _run_case(name, zero, precision, ep, d)
+    if mode == "one":
+        res["fp32->bf16"] = _fp32_checkpoint_into_bf16(d)
     if dist.get_rank() == 0:
         with open(os.path.join(d, f"{mode}.json"), "w") as f:
             json.dump(res, f)
