@@ -3,7 +3,8 @@
     python -m loopmoe.plot runs/demo            # -> runs/demo/plots/*.png
     python -m loopmoe.plot runs/demo --out figs
 
-Writes loss.png (train loss and LM loss; validation loss at every loop exit), lr.png, grad_norm.png,
+Writes loss.png (train loss and LM loss; validation loss at every loop exit), lr.png (the schedule from
+config.yaml at every step from 0, the logged values on it), grad_norm.png,
 throughput.png (tokens/s and MFU) and routing.png (validation expert-load imbalance per MoE layer and
 routing divergence between loop iterations per loop layer). A step logged twice (a run resumed from an
 earlier checkpoint re-logs the steps after it) keeps its last record: the curve of the run that went on.
@@ -20,6 +21,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from loopmoe.config import load_config  # noqa: E402
+from loopmoe.train.optim import lr_at  # noqa: E402
 
 
 def read_metrics(path: str) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -65,6 +69,18 @@ def _finish(fig, ax, path: str, title: str, ylabel: str) -> str:
     return path
 
 
+def schedule_curve(run_dir: str) -> tuple[list[int], list[float]] | None:
+    """The learning rate after each step 0..train.steps from the run's config.yaml (the schedule is a
+    function of the config: loopmoe/train/optim.lr_at), the value the log records at step k; None
+    without a config.yaml. The logged points (every train.log_interval steps) miss the warm-up."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    cfg = load_config(path)
+    steps = list(range(cfg.train.steps + 1))
+    return steps, [lr_at(k, cfg.train.steps, cfg.optim) for k in steps]
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write the PNGs of one run; returns their paths."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -90,7 +106,13 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     written.append(_finish(fig, ax, os.path.join(out_dir, "loss.png"), f"{name}: loss", "loss (nats/token)"))
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.plot(*_series(train, "lr"), lw=1.2)
+    schedule = schedule_curve(run_dir)
+    if schedule is not None:  # every step from 0, warm-up included, whatever train.log_interval was
+        ax.plot(*schedule, lw=1.2, label="schedule (config.yaml)")
+    ax.plot(*_series(train, "lr"), lw=0 if schedule else 1.2, marker="o" if schedule else None, ms=2.5,
+            label="logged")
+    if schedule is not None:
+        ax.legend(fontsize=8)
     written.append(_finish(fig, ax, os.path.join(out_dir, "lr.png"), f"{name}: learning rate", "learning rate"))
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
