@@ -204,9 +204,61 @@ def build_hf_model(model, mc, ids: dict[str, int | None], arch: str):
 # Export
 
 
+class ExportError(ValueError):
+    """The export cannot start (an output folder that is not empty...); the message says the fix."""
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """A non-empty ``out`` is replaced only when asked: an export of 1,000 steps must not be lost to one of
+    60 without a word."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out}: a file, not a folder; choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ExportError(f"--out {out} is not empty ({len(os.listdir(out))} entries); pass --overwrite to replace "
+                          f"it (the old export stays until the new one is complete), or choose another --out")
+
+
+def publish_folder(work: str, out: str) -> None:
+    """``work`` (complete) becomes ``out``: the old folder is moved aside, the new one renamed in, the old
+    one deleted. At every moment ``out`` is the old export or the new one (a window of two renames
+    where it is absent), never a mixture."""
+    old = None
+    if os.path.isdir(out):
+        old = _sibling(out, "old")
+        os.rename(out, old)
+    os.rename(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(out: str, what: str) -> str:
+    """A hidden name beside ``out`` (same file system: the renames are atomic)."""
+    parent, name = os.path.split(os.path.abspath(out.rstrip(os.sep)))
+    return os.path.join(parent, f".{name}.{what}-{os.getpid()}")
+
+
 def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "float32",
-           max_shard_size: str | int = "2GB", arch: str = "auto", source: str | None = None) -> dict:
-    """Write the HF folder ``out`` for a training model + Config; returns the export summary."""
+           max_shard_size: str | int = "2GB", arch: str = "auto", source: str | None = None,
+           overwrite: bool = False) -> dict:
+    """Write the HF folder ``out`` for a training model + Config; returns the export summary. The folder is
+    written under a temporary name beside ``out`` and renamed when complete: a failed export leaves the
+    previous one intact. A non-empty ``out`` needs ``overwrite``."""
+    check_out(out, overwrite)
+    work = _sibling(out, "tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        summary = _export_into(model, cfg, work, tokenizer, dtype, max_shard_size, arch, source)
+        publish_folder(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _export_into(model, cfg, out: str, tokenizer: str | None, dtype: str, max_shard_size: str | int, arch: str,
+                 source: str | None) -> dict:
+    """The export itself, into the empty folder ``out``."""
     from transformers import GenerationConfig
 
     mc = cfg.model
@@ -240,11 +292,6 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
     hf = hf.to(torch_dtype)
     hf.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                                             pad_token_id=ids["pad"])
-    os.makedirs(out, exist_ok=True)
-    for stale in os.listdir(out):  # a re-export must not leave old shards or remote code behind
-        if ((stale.startswith("model") and (stale.endswith(".safetensors") or stale.endswith(".index.json")))
-                or stale in REMOTE_FILES):
-            os.remove(os.path.join(out, stale))
     hf.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     if chosen == "loopmoe":
         for name, src in REMOTE_FILES.items():
@@ -276,11 +323,13 @@ def export(model, cfg, out: str, tokenizer: str | None = None, dtype: str = "flo
     return summary
 
 
-def export_checkpoint(checkpoint: str, out: str, tag: str | None = None, **kw) -> dict:
+def export_checkpoint(checkpoint: str, out: str, tag: str | None = None, overwrite: bool = False, **kw) -> dict:
     from loopmoe.train.checkpoint import load_trained_model, resolve_checkpoint
 
+    check_out(out, overwrite)  # before the (slow) checkpoint load
     model, cfg = load_trained_model(checkpoint, tag)
-    return export(model, cfg, out, source=os.path.abspath(resolve_checkpoint(checkpoint, tag)), **kw)
+    return export(model, cfg, out, source=os.path.abspath(resolve_checkpoint(checkpoint, tag)),
+                  overwrite=overwrite, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run's checkpoint directory (uses 'latest') or a step_* dir")
     ap.add_argument("--tag", help="step directory inside --checkpoint (default: latest)")
-    ap.add_argument("--out", required=True, help="output folder (created; old weight shards in it are replaced)")
+    ap.add_argument("--out", required=True, help="output folder (created; a non-empty one only with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty --out (the old export stays until the new one is complete)")
     ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: data.tokenizer_model of the checkpoint's config)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="weight dtype written (default: %(default)s, lossless from fp32 master weights)")
@@ -297,8 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: a stock transformers class where one is exact, else the remote-code class")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = export_checkpoint(args.checkpoint, args.out, args.tag, tokenizer=args.tokenizer, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, arch=args.arch)
+    try:
+        summary = export_checkpoint(args.checkpoint, args.out, args.tag, overwrite=args.overwrite,
+                                    tokenizer=args.tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                    arch=args.arch)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"exported {summary['source']} -> {args.out}")
     print(f"  architecture: {summary['arch']} ({summary['why']})")
     print(f"  dtype {summary['dtype']}; tokenizer: {summary['tokenizer'] or 'none'}; special ids {summary['special_ids']}")
