@@ -76,8 +76,9 @@ def test_fp8_routes_accepted_with_recompute_and_auto_recipes():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_te_route_says_why_it_cannot_run_without_cuda():
     cfg = load_config(None, ["train.precision=fp8", "model.linear_backend=te"])
-    reason = fp8.fp8_unavailable_reason(cfg)
-    assert reason is not None and "no CUDA device" in reason and "fp8_backend=torchao" in reason
+    for probe in (True, False):  # the preflight's form (no device probe) says the same
+        reason = fp8.fp8_unavailable_reason(cfg, probe=probe)
+        assert reason is not None and "no CUDA device" in reason and "fp8_backend=torchao" in reason
     with pytest.raises(RuntimeError, match=r"train.precision=fp8 cannot run here: .*no CUDA device"):
         fp8.prepare_fp8(nn.Linear(16, 16), cfg)
 

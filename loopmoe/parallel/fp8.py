@@ -58,16 +58,19 @@ def fp8_enabled(cfg: Config) -> bool:
 # Can FP8 run here? (said plainly, never a silent bf16 run)
 
 
-def fp8_unavailable_reason(cfg: Config) -> str | None:
-    """Why ``precision=fp8`` cannot run in this process, or None when it can (or FP8 is off)."""
+def fp8_unavailable_reason(cfg: Config, probe: bool = True) -> str | None:
+    """Why ``precision=fp8`` cannot run in this process, or None when it can (or FP8 is off).
+    ``probe=False`` leaves out the checks against the GPU itself (TE's recipe check, the compute capability;
+    they initialise CUDA on the current device): for a preflight that runs before each rank has chosen its
+    device. ``prepare_fp8`` runs them all."""
     if not fp8_enabled(cfg):
         return None
     if cfg.train.fp8_backend == "te":
-        return _te_unavailable_reason(fp8_recipe_name(cfg.train))
-    return _torchao_unavailable_reason()
+        return _te_unavailable_reason(fp8_recipe_name(cfg.train), probe)
+    return _torchao_unavailable_reason(probe)
 
 
-def _te_unavailable_reason(recipe: str) -> str | None:
+def _te_unavailable_reason(recipe: str, probe: bool) -> str | None:
     if not torch.cuda.is_available():
         return ("train.fp8_backend=te: no CUDA device is visible; Transformer Engine's FP8 GEMMs need a Hopper "
                 "(or newer) GPU. On the CPU use train.fp8_backend=torchao with model.linear_backend=torch")
@@ -76,6 +79,8 @@ def _te_unavailable_reason(recipe: str) -> str | None:
     except ImportError as e:
         return (f"train.fp8_backend=te: transformer_engine is not importable ({e}); install it on the GPU "
                 "machine with pip install '.[fp8]', or use train.fp8_backend=torchao")
+    if not probe:
+        return None
     try:
         with _te_autocast(te, te_recipe(recipe), None):  # TE checks the recipe against the device on entry
             pass
@@ -85,13 +90,13 @@ def _te_unavailable_reason(recipe: str) -> str | None:
     return None
 
 
-def _torchao_unavailable_reason() -> str | None:
+def _torchao_unavailable_reason(probe: bool) -> str | None:
     try:
         import torchao.float8  # noqa: F401
     except ImportError as e:
         return (f"train.fp8_backend=torchao: torchao is not importable ({e}); pip install -c constraints.txt "
                 "'.[fp8-torchao]'")
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+    if probe and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         return (f"train.fp8_backend=torchao: {torch.cuda.get_device_name()} has no FP8 tensor cores "
                 "(torch._scaled_mm needs sm89+, e.g. H100); use train.precision=bf16")
     return None
