@@ -36,8 +36,9 @@ DEEPSPEED_CPU_RECORD = "Setting accelerator to CPU"
 # import name, display name, what its absence means for a LoopMoE run.
 OPTIONAL_LIBRARIES: list[tuple[str, str, str]] = [
     ("transformer_engine", "Transformer Engine",
-     "no FP8 (train.precision=fp8) and no model.linear_backend=te; the megatron/torch linears are used "
-     "(pip install 'loopmoe[fp8]' on a Hopper GPU)"),
+     "no FP8 through Transformer Engine (train.fp8_backend=te) and no model.linear_backend=te; the "
+     "megatron/torch linears are used (pip install 'loopmoe[fp8]' on a Hopper GPU; FP8 through torchao: "
+     "train.fp8_backend=torchao)"),
     ("apex", "NVIDIA Apex",
      "megatron-core uses its torch fallbacks for fused multi-tensor ops; LoopMoE does not need Apex "
      "(its optimizer is torch AdamW under DeepSpeed, its norms and gradient clipping are its own)"),

@@ -22,6 +22,8 @@ What each parallelism needs and where it is done:
   ``num_experts`` and calls ``set_deepspeed_parallelism``, which we make a no-op).
 - PP (megatron-core schedules): the model is cut into a PipelineStage (pipeline.py) for this rank's
   stage, with the megatron TransformerConfig the schedules read.
+- FP8 (Transformer Engine or torchao): ``prepare_fp8`` (fp8.py) checks the route and swaps torchao's
+  Float8Linear in; TE's autocast wraps each micro-batch's forward in the engine (fp8.fp8_autocast).
 - DP / ZeRO-1/2 (DeepSpeed): expert parameters are in their own optimizer groups
   (optim.py: split_params_into_different_moe_groups_for_optimizer) and are reduced over the
   expert-data-parallel group.
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loopmoe.parallel.layout import Layout, stage_ranges
+from loopmoe.parallel.fp8 import prepare_fp8
 
 
 @functools.cache
@@ -98,6 +101,9 @@ def stage_config(cfg, layout: Layout):
 def parallelize(model: nn.Module, cfg, layout: Layout) -> nn.Module:
     """Wire SP, EP and PP onto a model built for ``layout`` (see build_model); returns the module the
     engine trains: the model itself, or this rank's PipelineStage."""
+    # precision=fp8: refuse what cannot run here, convert torchao's Float8Linears, log the FP8 layers;
+    # before the pipeline cut, so every stage holds the converted layers
+    model = prepare_fp8(model, cfg)
     if layout.ep > 1:
         make_moe_visible_to_deepspeed(model)
     module = model
