@@ -23,13 +23,14 @@ of the two phases.
 Activations: the tensors autograd keeps for backward, per token, derived from the saved tensors of
 our layers (norm input and normalised input, qkv, q/k after RoPE, SDPA output and log-sum-exp: flash
 kernels, nothing grows with s^2; the router's fp32 logits and probabilities; per token-slot k x (the
-token copy, gate|up, SiLU, activation, and the fp32 expert output and gate-weighted output); the shared
+token copy, gate|up, SiLU, activation, and the combine's saved expert output and gate); the shared
 expert's four hidden vectors; IterAdaLN's modulations). Tokens per rank: micro_batch x seq_len (÷ TP
 for the residual stream and the MoE under sequence parallelism). The MoE combine keeps the expert
 outputs [k*T, d] in the activation dtype, the fp32 gates and int64 indices (no fp32 [k*T, d] copy).
 Under EP the rows a rank's experts run (the grouped GEMM's input copy, gate|up, SiLU, their product, the
 row maps) scale with its routed load: the busiest rank runs ``imbalance`` x the mean (IMBALANCE,
-measured, see docs/memory.md); its own slots (router, combine) do not. Recompute (train.recompute): "full" keeps each executed layer's input
+measured, see docs/memory.md); its own slots (router, combine) do not.
+Recompute (train.recompute): "full" keeps each executed layer's input
 plus one layer being recomputed; "selective" drops the FFN's internals and SDPA's log-sum-exp. The
 loss keeps the logits (bf16/fp32) and the fp32 log-softmax, [b, s, V] each, full vocabulary on every
 TP rank (the head gathers its output); its backward adds two fp32 [b, s, V] gradients. Under 1F1B a
@@ -316,8 +317,12 @@ def estimate(cfg: Config, layout, *, on_gpu: bool = True, imbalance: float = IMB
     T = t.micro_batch * cfg.data.seq_len
     exits = (m.loop_iters - 1) if m.n_loop and any(w != 0 for w in m.exit_loss_weights) else 0
     imb = imbalance if ep > 1 and m.ffn == "moe" else 1.0
-    extra = (runtime_overhead(layout) if overhead_gb is None else [("stated (--overhead-gb)", overhead_gb * GB)]) \
-        if on_gpu else []
+    if not on_gpu:  # no CUDA context, NCCL buffers or caching allocator
+        extra = []
+    elif overhead_gb is None:
+        extra = runtime_overhead(layout)
+    else:
+        extra = [("stated (--overhead-gb)", overhead_gb * GB)]
     overhead = sum(b for _, b in extra)
     frag = fragmentation if on_gpu else 0.0
     stages = []
@@ -410,7 +415,8 @@ def format_report(cfg: Config, est: Estimate, device_bytes: float | None, budget
     for mode in MODES:
         fits = "" if not cap else ("  fits" if s.total(mode) <= cap else "  DOES NOT FIT")
         lines.append(f"  {mode:>9}  {s.activations[mode] / GB:19.2f} GB (+{s.imbalance_bytes[mode] / GB:5.2f} GB)  "
-                     f"{s.allocated(mode) / GB:6.2f} GB {s.reserved(mode) / GB:6.2f} GB {s.total(mode) / GB:6.2f} GB{fits}")
+                     f"{s.allocated(mode) / GB:6.2f} GB {s.reserved(mode) / GB:6.2f} GB "
+                     f"{s.total(mode) / GB:6.2f} GB{fits}")
     lines.append("  largest buffers (one micro-batch):")
     lines += [f"    {b / GB:8.3f} GB  {name}" for name, b in s.largest[:6]]
     lines.append("  allocated ~ torch.cuda.max_memory_allocated, reserved ~ max_memory_reserved; total = reserved + "
@@ -519,17 +525,18 @@ def preset_check(overrides: list[str], device_gb: float, budget: float, **kw) ->
         sl = slurm_layout(name)
         cfg = preset_config(sl, overrides)
         est = estimate(cfg, validate_layout(cfg, sl.world), **kw)
-        mode, s = cfg.train.recompute, est.worst
+        mode = cfg.train.recompute
         fits = est.total(mode) <= budget * device_gb * GB
         ok &= fits
-        out += [f"== {name}: slurm/{name}.sbatch, {sl.nodes} node(s) x {sl.tasks_per_node} GPUs", 
+        out += [f"== {name}: slurm/{name}.sbatch, {sl.nodes} node(s) x {sl.tasks_per_node} GPUs",
                 format_report(cfg, est, device_gb * GB, budget), ""]
         rows.append(f"  {name:<11} {sl.world:>3} GPUs  micro-batch {cfg.train.micro_batch} x grad_accum "
                     f"{cfg.train.grad_accum:<3} recompute {mode:<9} allocated {est.allocated(mode) / GB:5.1f}  "
                     f"total {est.total(mode) / GB:5.1f} GB of {budget * device_gb:.0f} GB  "
                     + ("fits" if fits else "DOES NOT FIT"))
-    out += [f"presets at their Slurm layouts (total = reserved x{1 + s.fragmentation:.2f} of allocated + CUDA context + "
-            f"NCCL; busiest EP rank x{s.imbalance:.2f}), budget {budget:.0%} of {device_gb:.0f} GB:"] + rows
+    frag, imb = kw.get("fragmentation", FRAGMENTATION), kw.get("imbalance", IMBALANCE)
+    out += [f"presets at their Slurm layouts (total = reserved x{1 + frag:.2f} of allocated + CUDA context + NCCL; "
+            f"busiest EP rank x{imb:.2f}), budget {budget:.0%} of {device_gb:.0f} GB:"] + rows
     if not ok:
         out.append("error: a preset does not fit its budget: raise train.recompute, lower train.micro_batch "
                    "(its grad_accum follows) or spread it over more GPUs")
