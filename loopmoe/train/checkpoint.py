@@ -1,6 +1,6 @@
 """Atomic, resumable, layout-independent checkpoints (megatron-core ``dist_checkpointing``).
 
-(Why ~440 lines in one file: save, load and the weights-only reader share one key layout and one step
+(Why ~620 lines in one file: save, load and the weights-only reader share one key layout and one step
 directory protocol, the table below; integrity lives in checkpoint_integrity.py, the optimizer state
 accessors in zero_state.py.)
 
