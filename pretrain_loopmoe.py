@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 
 from loopmoe.config import ConfigError, load_config, save_config
 from loopmoe.config_help import describe_fields
@@ -39,9 +41,25 @@ def launcher_rank() -> int:
 
 
 def say_once(line: str) -> None:
-    """An error every rank finds alike (config, layout, inputs): printed by rank 0 only, not once per rank."""
+    """An error every rank finds alike (config, layout, inputs): printed by rank 0 only, not once per rank.
+    Under torchrun every rank also leaves it in its error file, so torchrun's failure summary names it
+    (its "Root Cause" is whichever rank ended first, usually not rank 0)."""
     if launcher_rank() == 0:
         print(line, file=sys.stderr, flush=True)
+    tell_torchrun(line)
+
+
+def tell_torchrun(line: str) -> None:
+    """The error file torchrun (torch 2.13 elastic ErrorHandler) reads back for its summary: the JSON
+    layout of ErrorHandler.record_exception, our line as the message and as the "traceback" it shows."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the summary then says <N/A>; the line was printed
 
 
 def main(argv: list[str] | None = None) -> int:

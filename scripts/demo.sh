@@ -31,7 +31,7 @@ fi
 echo "demo: outputs go to $RUN (earlier runs are kept; runs/demo-latest will point here)"
 if [ "${DEMO_PLAN:-0}" = 1 ]; then exit 0; fi
 if [ -e "$RUN" ]; then rm -rf "$RUN"; fi  # only reached with DEMO_FRESH=1: asked for
-mkdir -p "$OUT" "$RUN"
+mkdir -p "$OUT" "$RUN" runs
 ln -sfn "$(cd "$RUN" && pwd)" runs/demo-latest
 
 say "1/7 tokenizer: sentencepiece BPE, 4096 pieces, trained on $CORPUS"
