@@ -26,13 +26,14 @@ from tests.test_train import token_prefix  # noqa: F401  (fixture: the tiny toke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (zero stage, precision, EP); world 1 ("one") or world 2 ("two": DP 2 with the experts split)
-CASES_ONE = {"Z0-fp32": (0, "fp32", 1), "Z1-fp32": (1, "fp32", 1), "Z1-bf16": (1, "bf16", 1),
-             "Z2-bf16": (2, "bf16", 1)}
-CASES_TWO = {"EP2-Z1-bf16": (1, "bf16", 2), "EP2-Z2-bf16": (2, "bf16", 2)}
+# name -> (zero stage, precision, EP, PP); world 1 ("one") or world 2 ("two": DP 2 with the experts split,
+# or a 2-stage pipeline, whose schedule runs the backward outside the engine)
+CASES_ONE = {"Z0-fp32": (0, "fp32", 1, 1), "Z1-fp32": (1, "fp32", 1, 1), "Z1-bf16": (1, "bf16", 1, 1),
+             "Z2-bf16": (2, "bf16", 1, 1)}
+CASES_TWO = {"EP2-Z1-bf16": (1, "bf16", 2, 1), "EP2-Z2-bf16": (2, "bf16", 2, 1), "PP2-Z1-bf16": (1, "bf16", 1, 2)}
 OPTIMIZER = {"Z0-fp32": "AdamW", "Z1-fp32": "DeepSpeedZeroOptimizer", "Z1-bf16": "BF16_Optimizer",
              "Z2-bf16": "DeepSpeedZeroOptimizer", "EP2-Z1-bf16": "BF16_Optimizer",
-             "EP2-Z2-bf16": "DeepSpeedZeroOptimizer"}
+             "EP2-Z2-bf16": "DeepSpeedZeroOptimizer", "PP2-Z1-bf16": "BF16_Optimizer"}
 STEPS, SAVE_AT = 4, 2
 
 
@@ -117,7 +118,7 @@ def test_an_unknown_optimizer_wrapper_raises_instead_of_saving_zeros():
 @pytest.mark.slow
 def test_deepspeed_picks_its_optimizer_and_keeps_bf16_weights_fp32_router_buffers(runs):
     res, _ = runs
-    for name, (_, precision, _) in {**CASES_ONE, **CASES_TWO}.items():
+    for name, (_, precision, _, _) in {**CASES_ONE, **CASES_TWO}.items():
         r = res[name]
         assert r["optimizer"] == OPTIMIZER[name], name
         want = "torch.bfloat16" if precision == "bf16" else "torch.float32"
@@ -258,6 +259,15 @@ def _live_state(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def _everyone(state: dict) -> dict:
+    """The union of every rank's dict (pipeline stages hold different parameters). Collective."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, state)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def _accumulation_check(cfg, layout, module, engine, trainer, batches) -> dict:
     """Step 1 through the trainer, its accumulated gradients captured before the optimizer step, against a
     bf16 copy of the model built from the same seed: per-micro-batch bf16 gradients summed in fp32 and
@@ -298,7 +308,7 @@ def _accumulation_check(cfg, layout, module, engine, trainer, batches) -> dict:
             "n": sum(v.numel() for v in fp32_sum.values())}, m
 
 
-def _build(name, zero, precision, ep, ds_config=None):
+def _build(name, zero, precision, ep, pp=1, ds_config=None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -310,12 +320,12 @@ def _build(name, zero, precision, ep, ds_config=None):
     from tests.test_parallel_harness import make_config, perturb_adaln
 
     world = dist.get_world_size()
-    cfg = make_config(1, 1, ep, False, zero, world, steps=STEPS)
+    cfg = make_config(1, pp, ep, False, zero, world // pp, steps=STEPS)
     cfg.train.precision, cfg.model.aux_free_bias = precision, True
     if ds_config is not None:
         cfg.train.ds_config = ds_config
     layout = validate_layout(cfg, world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=pp)
     if ep > 1:
         create_expert_groups(ep)
     model = build_model(cfg, layout)
@@ -350,21 +360,24 @@ def _describe(module, engine) -> dict:
             "grad_accum_dtypes": acc}
 
 
-def _run_case(name, zero, precision, ep, d) -> dict:
+def _run_case(name, zero, precision, ep, pp, d) -> dict:
     import torch.distributed as dist
     import yaml
     from megatron.core import parallel_state as ps
 
     from loopmoe.config import to_dict
+    from loopmoe.parallel.pipeline import PipelineEvalModel
     from loopmoe.train.checkpoint import Checkpointer
     from loopmoe.train.loop import Trainer
     from tests.test_parallel_harness import micro_batches, rank_batches
 
     save_dir = os.path.join(d, name)
-    cfg, layout, module, engine = _build(name, zero, precision, ep)
+    cfg, layout, module, engine = _build(name, zero, precision, ep, pp)
     res = _describe(module, engine)
     dp, rank = layout.dp, ps.get_data_parallel_rank()
-    trainer = Trainer(cfg, engine, module, rank_batches(rank, dp, STEPS), [], layout=layout)
+    stage = module if pp > 1 else None
+    trainer = Trainer(cfg, engine, PipelineEvalModel(stage) if stage else module, rank_batches(rank, dp, STEPS), [],
+                      layout=layout, stage=stage)
     losses = []
     if precision == "bf16" and dist.get_world_size() == 1:  # step 1, its gradients checked
         res["accum"], m = _accumulation_check(cfg, layout, module, engine, trainer,
@@ -377,19 +390,21 @@ def _run_case(name, zero, precision, ep, d) -> dict:
         if trainer.state.step == SAVE_AT:
             client = {"step": SAVE_AT, "consumed_samples": SAVE_AT * cfg.train.micro_batch * cfg.train.grad_accum * dp}
             Checkpointer(save_dir).save(engine, SAVE_AT, client, yaml.safe_dump(to_dict(cfg)))
-            saved = _live_state(engine)
+            saved = _everyone(_live_state(engine))
             if dist.get_rank() == 0:
                 torch.save(saved, os.path.join(save_dir, "live.pt"))
     res["loss"] = losses
     del trainer, engine, module
     _teardown()
 
-    cfg, layout, module, engine = _build(name, zero, precision, ep)
+    cfg, layout, module, engine = _build(name, zero, precision, ep, pp)
     first = Checkpointer(save_dir).load(engine)["step"]
-    loaded = _live_state(engine)
+    loaded = _everyone(_live_state(engine))
     res["state_after_load_equal"] = (set(loaded) == set(saved)
                                      and all(torch.equal(loaded[k], saved[k]) for k in saved))
-    trainer = Trainer(cfg, engine, module, rank_batches(rank, dp, STEPS, first), [], layout=layout)
+    stage = module if pp > 1 else None
+    trainer = Trainer(cfg, engine, PipelineEvalModel(stage) if stage else module, rank_batches(rank, dp, STEPS, first),
+                      [], layout=layout, stage=stage)
     trainer.state.step = first
     res["resumed"] = []
     while trainer.state.step < STEPS:
@@ -445,8 +460,8 @@ def _worker(mode: str, d: str) -> None:
     res = {}
     if mode == "one":
         res["buffer_dtype=bf16"] = _buffer_cast_case(d)
-    for name, (zero, precision, ep) in (CASES_ONE if mode == "one" else CASES_TWO).items():
-        res[name] = _run_case(name, zero, precision, ep, d)
+    for name, (zero, precision, ep, pp) in (CASES_ONE if mode == "one" else CASES_TWO).items():
+        res[name] = _run_case(name, zero, precision, ep, pp, d)
     if mode == "one":
         res["fp32->bf16"] = _fp32_checkpoint_into_bf16(d)
     if dist.get_rank() == 0:
