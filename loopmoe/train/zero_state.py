@@ -1,11 +1,11 @@
 """The AdamW state of one parameter, out of (and back into) DeepSpeed's optimizers, for every optimizer our
 configs can give (read against DeepSpeed 0.19.8, ``DeepSpeedEngine._do_optimizer_sanity_check``):
 
-| ZeRO | fp32 run                               | bf16 run (grad_accum_dtype fp32, engine.deepspeed_config)  |
-|------|----------------------------------------|------------------------------------------------------------|
-| 0    | the client's torch AdamW, unwrapped    | refused by parallel/layout.py (DeepSpeed has no fp32-accumulating ZeRO-0 bf16 optimizer) |
-| 1    | ``DeepSpeedZeroOptimizer``             | ``BF16_Optimizer``                                         |
-| 2    | ``DeepSpeedZeroOptimizer``             | ``DeepSpeedZeroOptimizer``                                 |
+| ZeRO | fp32 run                            | bf16 run (grad_accum_dtype fp32, engine.deepspeed_config)     |
+|------|-------------------------------------|---------------------------------------------------------------|
+| 0    | the client's torch AdamW, unwrapped | refused by parallel/layout.py (no fp32-accumulating optimizer) |
+| 1    | ``DeepSpeedZeroOptimizer``          | ``BF16_Optimizer``                                            |
+| 2    | ``DeepSpeedZeroOptimizer``          | ``DeepSpeedZeroOptimizer`` (fp32 gradient partition)          |
 
 The two wrappers keep the fp32 master weights in flat per-group partitions and the AdamW moments in their
 base optimizer's state for those partitions; DeepSpeed links every parameter to its fragment of them, and
