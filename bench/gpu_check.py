@@ -223,7 +223,21 @@ def part_speed_memory(c: Check, a: dict[int, dict], data: list[str]) -> None:
     reserved = max((r.get("mem_reserved_gib", 0) for r in a.values()), default=None)
     peak = next((r.get("peak_tflops") for r in a.values() if "peak_tflops" in r), None)
     est_cmd = [sys.executable, "-m", "loopmoe.memory", c.plan.config, *c.plan.common, *c.plan.bf16(), "--world", "1"]
-    rc, est = c.run("memory estimate", est_cmd, 60)
+    if not c.plan.dry:
+        import torch
+
+        est_cmd += ["--device-gb", f"{torch.cuda.get_device_properties(0).total_memory / 1e9:.1f}"]
+    rc, est = c.run("memory estimate", est_cmd, 60)  # exit 1 = over the 80% budget: a finding, not a failure
+    _, js = c.run("memory estimate (JSON)", est_cmd + ["--json"], 60)
+    try:  # the estimate's allocated / reserved (recompute none) against the measured peaks
+        stage = json.loads(js[js.index("["):])[0]
+        e_alloc, e_res = stage["allocated"]["none"] / 2**30, stage["reserved"]["none"] / 2**30
+        vs = (f"Estimator (GiB): allocated {e_alloc:.2f}, reserved {e_res:.2f} (the measured peaks above; its "
+              f"total adds the CUDA context and NCCL buffers, which torch's counters do not see)"
+              + ("" if c.plan.dry or alloc is None or reserved is None else
+                 f"; measured / estimated: allocated {alloc / e_alloc:.2f}, reserved {reserved / e_res:.2f}") + ".")
+    except (ValueError, KeyError, IndexError) as e:
+        vs = f"Estimator JSON unreadable ({type(e).__name__})."
     if c.plan.dry:
         mfu_txt = "n/a (CPU)"
     else:
@@ -234,7 +248,8 @@ def part_speed_memory(c: Check, a: dict[int, dict], data: list[str]) -> None:
                    f"| {step_s if step_s is None else f'{step_s:.3f}'} | {tok_s if tok_s is None else f'{tok_s:,.0f}'} | "
                    f"{mfu_txt} | {gib(alloc, c.plan.dry)} | {gib(reserved, c.plan.dry)} |", "",
                    "Memory: torch.cuda.max_memory_allocated / max_memory_reserved over the run (n/a on the CPU).",
-                   "", f"Estimator, same layout (exit {rc}):", "", "```", est.strip()[-2500:], "```", ""]
+                   "", vs, "", f"Estimator report, same layout (exit {rc}; 1 = over the 80% budget):", "", "```",
+                   est.strip()[-2500:], "```", ""]
 
 
 def probe_cmd(plan: Plan, data: list[str], work: str) -> list[str]:
