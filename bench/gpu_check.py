@@ -230,7 +230,7 @@ def part_speed_memory(c: Check, a: dict[int, dict], data: list[str]) -> None:
     rc, est = c.run("memory estimate", est_cmd, 60)  # exit 1 = over the 80% budget: a finding, not a failure
     _, js = c.run("memory estimate (JSON)", est_cmd + ["--json"], 60)
     try:  # the estimate's allocated / reserved (recompute none) against the measured peaks
-        stage = json.loads(js[js.index("["):])[0]
+        stage = json.loads(js[js.index("[{"):])[0]
         e_alloc, e_res = stage["allocated"]["none"] / 2**30, stage["reserved"]["none"] / 2**30
         vs = (f"Estimator (GiB): allocated {e_alloc:.2f}, reserved {e_res:.2f} (the measured peaks above; its "
               f"total adds the CUDA context and NCCL buffers, which torch's counters do not see)"
