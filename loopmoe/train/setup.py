@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from loopmoe.config import Config
+from loopmoe.parallel.distributed import seed_model_parallel_rng
 
 log = logging.getLogger("loopmoe")
 
@@ -77,6 +78,8 @@ def build_model(cfg: Config, layout=None) -> torch.nn.Module:
     from loopmoe.model import LoopMoEModel
 
     torch.manual_seed(cfg.train.seed)
+    if layout is not None:  # the groups exist: TE draws its TP shards from megatron's CUDA RNG tracker
+        seed_model_parallel_rng(cfg.train.seed)  # a no-op without CUDA
     if layout is None:
         model = LoopMoEModel(cfg.model, recompute=cfg.train.recompute)
     else:
