@@ -373,24 +373,24 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(tmp_path, t
     job = Job(tmp_path, token_data, tmp_path / "run", f"train.steps={STEPS}", "checkpoint.interval=1000")
     job.submit()
     try:
-        wait_for(lambda: len(records(job.run_dir)) >= 3, 180, "3 logged steps", job)
+        wait_for(lambda: len(records(job.run_dir)) >= 3, 600, "3 logged steps", job)  # caps: 600 s under load
         subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)
         t_signal = time.time()
         # The batch shell forwards USR1 to the step, which checkpoints at the end of the step and exits; the shell
         # then requeues the job. A requeued job waits ~150 s (BeginTime) unless told to start now.
-        info = job.wait_state({"PENDING"} | TERMINAL, 120)
+        info = job.wait_state({"PENDING"} | TERMINAL, 600)
         assert info.get("JobState") == "PENDING", (info, job.log[-3000:])
         t_requeued = time.time()
         # Start it now only once the first run has left the node, and a second later: a requeued job started
         # within the second its previous run ended is killed by slurmd ("Job credential revoked") and FAILS.
-        wait_for(lambda: "action=requeue" in job.log and not job.on_node(), 60, "the first run to leave the node")
+        wait_for(lambda: "action=requeue" in job.log and not job.on_node(), 600, "the first run to leave the node")
         # slurmd's rule is about wall-clock seconds, not machine speed: start only once the clock has moved
         # past the second after the one in which the first run was seen gone.
         left = int(time.time())
         wait_for(lambda: int(time.time()) >= left + 2, 5, "the clock to pass the first run's end second")
         subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
-        wait_for(lambda: "action=done" in job.log, 240, "the resumed run to finish", job)
-        job.wait_state(TERMINAL, 60)
+        wait_for(lambda: "action=done" in job.log, 600, "the resumed run to finish", job)
+        job.wait_state(TERMINAL, 600)
     finally:
         job.cancel()
     log = job.log
@@ -418,7 +418,7 @@ def test_kill_9_of_one_rank_fails_fast_and_next_launch_resumes(tmp_path, token_d
         def mid_interval():
             recs = records(run_dir)
             return (run_dir / "checkpoints" / "latest").exists() and recs and recs[-1]["step"] % 5 in (2, 3)
-        wait_for(mid_interval, 180, "a step between two checkpoints", job)
+        wait_for(mid_interval, 600, "a step between two checkpoints", job)
         pid = job.pid_of_rank(1)
         assert pid, "rank 1 not found"
         env = job.environ(pid)  # what srun handed the task: the site block's allocator setting, the job's port
@@ -439,10 +439,12 @@ def test_kill_9_of_one_rank_fails_fast_and_next_launch_resumes(tmp_path, token_d
     step = int(tag.split("_")[1])
     assert step % 5 == 0 and step > 0
     assert (run_dir / "checkpoints" / tag / "rng_rank0.pt").exists() and (run_dir / "checkpoints" / tag / "rng_rank1.pt").exists()
-    # The next launch (same run directory) resumes from that checkpoint and finishes.
-    again = Job(tmp_path, token_data, run_dir, f"train.steps={step + 2}", *common)
+    # The next launch (same run directory, same schedule: a changed train.steps is refused at resume) resumes
+    # from that checkpoint and runs two more steps, to a planned stop (train.exit_interval: checkpoint, exit 0).
+    again = Job(tmp_path, token_data, run_dir, "train.steps=1000", *common, f"train.exit_interval={step + 2}")
     rc = again.submit_wait()
     assert rc == 0, again.log[-4000:]
     assert f"resuming from step {step}" in again.log and "resumed from" in again.log
+    assert f"== loopmoe job end: rc=0 action=exit step={step + 2}/1000" in again.log  # planned: no requeue
     assert latest(run_dir) == f"step_{step + 2:08d}"
     print(f"job failed {took:.1f} s after kill -9 of rank 1; resumed from step {step}")
