@@ -11,7 +11,8 @@ embedding, head; norms/router/IterAdaLN replicated) and the pipeline stage, rout
 the ZeRO partition N = DP for dense and DP/EP (expert-DP) for expert parameters):
   fp32, ZeRO 0        weights 4 + grads 4 + Adam moments 8 B/param (torch AdamW, replicated)
   fp32, ZeRO 1/2      weights 4 + grads 4 (ZeRO 2: 4/N + a reduce bucket) + fp32 master 4/N + Adam 8/N
-  bf16/fp8, ZeRO 1/2  weights 2 + grads 2 (ZeRO 2: 2/N + bucket) + fp32 master 4/N + Adam 8/N
+  bf16/fp8, ZeRO 1/2  weights 2 + fp32 grads 4 (ZeRO 2: 4/N + an fp32 bucket) + fp32 master 4/N + Adam 8/N
+                      (fp32 gradient accumulation and reduction; ZeRO 1 is DeepSpeed's BF16_Optimizer)
 Gradients are counted during the forward/backward only when they are already there: grad_accum > 1
 (later micro-batches run on the accumulated ones) or PP > 1; with one micro-batch DeepSpeed frees them
 at the step and the backward allocates them while it frees activations (measured CPU peaks of such
@@ -338,7 +339,11 @@ def estimate(cfg: Config, layout, *, on_gpu: bool = True, imbalance: float = IMB
         else:
             part = dense / dp + expert / edp  # this rank's ZeRO partition
             weights, opt = beta * n, 12 * part
-            grads = beta * part + beta * bucket if zero >= 2 else beta * n
+            # gradients are accumulated and reduced in fp32 at every precision (engine.py's bf16 settings):
+            # ZeRO 1 in bf16 is DeepSpeed's BF16_Optimizer, whose fp32 buffer holds every parameter's gradient
+            # (the bf16 .grad is dropped as soon as it is added: immediate_grad_update); ZeRO 2 keeps the fp32
+            # partition and an fp32 reduce bucket
+            grads = 4 * part + 4 * bucket if zero >= 2 else 4 * n
             step_temp = 4 * part  # fp32 gradient partition / foreach temporaries
         accumulated = t.grad_accum > 1 or pp > 1
         in_flight = min(pp - i, t.grad_accum) if pp > 1 else 1
@@ -350,7 +355,7 @@ def estimate(cfg: Config, layout, *, on_gpu: bool = True, imbalance: float = IMB
         rope = 2 * m.max_seq_len * m.head_dim * 4
         layers = _describe_layers(m, lo, hi)
         stages.append(StageMemory(i, layers, dense, expert, weights, grads, grads if accumulated else 0.0, opt,
-                                  step_temp, rope + (beta * bucket if zero >= 2 else 0), in_flight, acts, largest,
+                                  step_temp, rope + (4 * bucket if zero >= 2 else 0), in_flight, acts, largest,
                                   imb, {k: acts[k] - balanced[k] for k in acts}, frag, overhead, extra))
     return Estimate(stages, layout.describe())
 

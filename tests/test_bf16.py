@@ -180,8 +180,6 @@ def test_load_restores_the_state_and_the_run_continues_bitwise(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="checkpoint.py refreshes the fp32 masters for DeepSpeedZeroOptimizer only; "
-                   "it must call zero_state.refresh_master(opt) (and finish_load) so BF16_Optimizer's are too")
 def test_an_fp32_checkpoint_loads_into_a_bf16_run_with_fresh_masters(runs):
     """A checkpoint without masters (fp32 run) resumed in bf16: BF16_Optimizer's fp32 masters must be the
     loaded weights, else its next step writes the initial weights back into the model."""

@@ -106,7 +106,7 @@ def test_cli_prints_the_breakdown_and_fit():
                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "world 32 = TP 1 x PP 1 x DP 32; EP 8 (expert DP 4), ZeRO 1" in out
+    assert "world 32 = TP 1 x PP 1 x DP 32; EP 8 (expert DP 4), ZeRO 2" in out  # the 9B preset runs ZeRO 2
     for word in ("weights", "gradients", "optimizer", "activations", "allocated", "reserved", "CUDA context + NCCL",
                  "\n       none ", "\n       full ", "log-softmax", "MoE dispatch", "MoE combine", "of 80 GB"):
         assert word in out, word

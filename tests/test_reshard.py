@@ -121,18 +121,17 @@ def test_pretrain_resumes_a_pipeline_checkpoint_under_tensor_parallelism(tmp_pat
         assert abs(resumed[step] - straight[step]) <= 1e-5 * straight[step], (step, resumed, straight)
 
 
-@pytest.mark.gpu
-def test_bf16_zero1_checkpoint_resumes_bitwise_on_a_gpu(tmp_path, token_prefix):
-    """bf16 weights with fp32 master weights in ZeRO-1's partitions: the checkpoint carries the masters
-    (optim.master.*), a resumed run continues bitwise, load_trained_model reads it. Needs a CUDA GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU: bf16 training (and its fp32 master weights) is GPU-only here")
+@pytest.mark.slow
+def test_bf16_zero1_checkpoint_resumes_bitwise(tmp_path, token_prefix):
+    """bf16 weights with fp32 master weights (ZeRO-1: DeepSpeed's BF16_Optimizer): the checkpoint carries the
+    masters (optim.master.*), a resumed run continues bitwise (the CPU's kernels are deterministic at a fixed
+    thread count; on a GPU the GPU check compares with a tolerance), load_trained_model reads it."""
     import shutil
 
     from loopmoe.train.checkpoint import load_trained_model
 
     common = ["train.steps=4", "train.log_interval=1", "train.eval_interval=100", "checkpoint.interval=2",
-              "train.precision=bf16", "train.zero_stage=1", "parallel.backend=nccl"]
+              "train.precision=bf16", "train.zero_stage=1"]
     straight, _ = _pretrain(tmp_path / "a", *token_prefix, 1, *common)
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step_00000002")

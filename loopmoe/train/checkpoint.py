@@ -77,7 +77,7 @@ from loopmoe.train.checkpoint_integrity import (  # noqa: F401  (re-exported: th
     resolve_resume,
     verify_step,
 )
-from loopmoe.train.zero_state import _OPT_KEYS, _get_state, _is_zero, _optimizer_step, _set_state
+from loopmoe.train.zero_state import _OPT_KEYS, _get_state, _optimizer_step, _set_state, finish_load, refresh_master
 
 log = logging.getLogger(__name__)
 
@@ -508,8 +508,8 @@ def load_checkpoint_state(engine, step_dir: str) -> dict:
     step = float(common["optimizer_step"])
     for e in table:
         e.tensor.data.copy_(e.from_ckpt(loaded[f"model.{e.name}"]))
-    if _is_zero(opt) and not common["has_master"]:
-        opt.refresh_fp32_params()  # fp32 training: the master weights are the parameters
+    if not common["has_master"]:  # an fp32 checkpoint: the loaded weights are the masters
+        refresh_master(opt)
     done = set()  # a tied parameter's state once
     for e in table:
         p = e.tensor
@@ -521,12 +521,7 @@ def load_checkpoint_state(engine, step_dir: str) -> dict:
         for key in _OPT_KEYS:
             _set_state(opt, p, key, e.from_ckpt(loaded[f"optim.{key}.{e.name}"]), step)
     _restore_extra_states(module, loaded, no_extra)
-    if _is_zero(opt):
-        for flat in opt.single_partition_of_fp32_groups:  # also partitions that hold no fragment here
-            st = opt.optimizer.state[flat]
-            if "step" not in st:
-                st.update({k: torch.zeros_like(flat) for k in _OPT_KEYS})
-            st["step"] = torch.tensor(step, dtype=torch.float32)
+    finish_load(opt, step)  # every AdamW state at the loaded step, also partitions with no fragment here
     sched = engine.lr_scheduler
     sched.last_epoch = common["scheduler"]["last_epoch"]
     sched._step_count = common["scheduler"]["_step_count"]
@@ -557,8 +552,7 @@ def load_weights_only(engine, step_dir: str) -> dict:
             for axis, rank, n in e.offsets:
                 w = w.chunk(n, dim=axis)[rank]
             e.tensor.data.copy_(e.from_ckpt(w))
-    if _is_zero(engine.optimizer):
-        engine.optimizer.refresh_fp32_params()
+    refresh_master(engine.optimizer)  # the masters are the loaded weights
     step = int(states.get("step", states.get("global_steps", 0)) or 0)
     sched = engine.lr_scheduler
     for _ in range(step):  # the schedule's position; the optimizer state is new

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from loopmoe.config import Config, ConfigError
+from loopmoe.parallel.fp8 import fp8_autocast
 from loopmoe.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.train.zero_stage >= 0:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.train.zero_stage
-    if cfg.train.precision in ("bf16", "fp8"):  # FP8 runs its matmuls in TE, the rest in bf16
+    if cfg.train.precision in ("bf16", "fp8"):  # FP8 runs its matmuls in TE or torchao (loopmoe/parallel/fp8.py), the rest in bf16
         _bf16_settings(ds)
     return ds
 
@@ -197,7 +198,8 @@ def dp_step(engine, batches, cfg: Config, layout, step: int, pre_optim_step=None
     sums = torch.zeros(4)
     for i in range(cfg.train.grad_accum):
         batch = next(batches)
-        out = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        with fp8_autocast(cfg):  # TE's FP8 autocast on the te route, else a no-op
+            out = engine(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
         sums = sums.to(out.loss.device) + torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                                        out.lb_loss.detach(), out.z_loss.detach()]).float()
         if i == cfg.train.grad_accum - 1:  # before the last backward and the optimizer step
@@ -219,7 +221,8 @@ def pipeline_step(engine, stage, batches, cfg: Config, step: int, pre_optim_step
     opt = engine.optimizer
     if hasattr(opt, "clear_backward_seen_flag"):
         opt.clear_backward_seen_flag()
-    sums = pipeline_forward_backward(stage, batches, cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len)
+    sums = pipeline_forward_backward(stage, batches, cfg.train.grad_accum, cfg.train.micro_batch, cfg.data.seq_len,
+                                     autocast=lambda: fp8_autocast(cfg))
     check_finite(sums[0], step)
     engine.set_gradient_accumulation_boundary(True)
     # ZeRO-1's DeepSpeedZeroOptimizer reduces to the partition owners; BF16_Optimizer (ZeRO-1 under bf16)
