@@ -81,7 +81,7 @@ def test_ctrl_c_checkpoints_the_step_and_a_rerun_resumes_there(token_data, tmp_p
     n = int(r.wait_for(r"stopped at step (\d+); rerun the same command to resume").group(1))
     assert r.finish() == 130, r.log[-3000:]
     assert_no_traceback_of_ours(r.log)
-    assert "received SIGINT: will checkpoint at the end of step" in r.log
+    assert "received SIGINT: will checkpoint at the end of the step under way" in r.log
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{n:08d}"
     # The same command again (stopped by exit_interval one step later): it continues from step n.
     again = subprocess.run([sys.executable, *command(token_data, run, f"train.exit_interval={n + 1}")], cwd=ROOT,

@@ -66,32 +66,45 @@ def catch_early_signals() -> None:
 
 
 class StopOnSignal(Callback):
+    """The handler only notes the signal (``pending``); ``pre_optim_step`` (inside every step, at the same
+    point on every rank, before the loop packs the stop flag into its all-reduce) hands it to the loop. A
+    handler that set the loop's flag itself could fire after that all-reduce (the loop then overwrites it:
+    the signal is lost on that rank) or during the callbacks (that rank alone would break out of the loop
+    while its peers wait in the next step's collective)."""
+
     priority = 40  # first: its handlers are installed before anything else starts
     signals = SIGNALS
 
     def __init__(self) -> None:
         self.received: str | None = None  # the first signal's name (pretrain_loopmoe.py's exit code)
+        self.pending = False  # a signal the loop has not been told of yet
 
     def on_train_start(self, trainer) -> None:
-        if _early:
+        if _early:  # before the first step's all-reduce: the loop's flag may be set directly
             log.warning("received %s during start-up: will checkpoint and stop after the first step",
                         signal.Signals(_early[0]).name)
             trainer.state.stop_requested = True
             self.received = signal.Signals(_early[0]).name
 
         def handler(signum, _frame):
+            name = signal.Signals(signum).name
             if signum == signal.SIGINT and self.received == "SIGINT":
                 exit_now(f"received a second SIGINT during step {trainer.state.step + 1}")
+            # Noted before the log call: a second Ctrl-C may land inside it (handlers run between bytecodes).
+            self.received = "SIGINT" if signum == signal.SIGINT else (self.received or name)
+            self.pending = True
             if signum == signal.SIGINT:
-                log.warning("received SIGINT: will checkpoint at the end of step %d and stop (Ctrl-C again: "
-                            "exit at once without saving)", trainer.state.step + 1)
-                self.received = "SIGINT"  # a SIGTERM before it does not make the next Ctrl-C the second
+                log.warning("received SIGINT: will checkpoint at the end of the step under way (or the next) and "
+                            "stop (Ctrl-C again: exit at once without saving)")
             else:
-                log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-                self.received = self.received or signal.Signals(signum).name
-            trainer.state.stop_requested = True
+                log.warning("received %s: will checkpoint at the end of the step under way (or the next) and stop",
+                            name)
 
         self._previous = {s: signal.signal(s, handler) for s in self.signals}
+
+    def pre_optim_step(self, trainer) -> None:
+        if self.pending:  # the loop all-reduces this at the end of the step: every rank stops at the same one
+            trainer.state.stop_requested = True
 
     def on_train_end(self, trainer) -> None:
         # The final save runs after this hook (the checkpoint callback is last): where start-up's handlers
