@@ -38,8 +38,11 @@ class Run:
 
     def __init__(self, argv: list[str]):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # SIGINT at its default, as in a terminal's foreground job (a test runner started with `&` or nohup
+        # hands it down ignored, and an ignored SIGINT stays ignored: test_ignored_sigint_stays_ignored)
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
 
     def wait_for(self, pattern: str) -> re.Match:
@@ -136,3 +139,20 @@ def test_ctrl_c_under_torchrun_world_2(token_data, tmp_path):
     assert_no_traceback_of_ours(r.log)
     assert r.log.count("received SIGINT: will checkpoint") >= 1
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{n:08d}"
+
+
+@pytest.mark.parametrize("start", [signal.SIG_IGN, signal.default_int_handler])
+def test_ignored_sigint_stays_ignored(start):
+    """Under nohup or `&` SIGINT arrives ignored: the trainer keeps it so (no stop, no exit); otherwise ours."""
+    from loopmoe.train.callbacks import signals
+
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    try:
+        signal.signal(signal.SIGINT, start)
+        signals.catch_early_signals()
+        now = signal.getsignal(signal.SIGINT)
+        assert (now is signal.SIG_IGN) if start is signal.SIG_IGN else (now is signals._early_handler)
+        assert signal.getsignal(signal.SIGTERM) is signals._early_handler
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

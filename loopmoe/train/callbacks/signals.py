@@ -19,7 +19,8 @@ is left under ``checkpoint.dir/.tmp/``, which is never read, and ``latest`` stil
 step. A SIGINT during start-up (before the first step: imports, model build, checkpoint load) has nothing
 to save: it raises ``Interrupted`` (a BaseException, so no library's ``except Exception`` swallows it) and
 pretrain_loopmoe.py exits 130 with one line. SIGTERM/SIGUSR1 during start-up are remembered and honoured
-after the first step (Slurm's warning must not kill the job before it can checkpoint).
+after the first step (Slurm's warning must not kill the job before it can checkpoint). A SIGINT that
+arrives ignored (``nohup``, a shell's ``&``) stays ignored.
 """
 from __future__ import annotations
 
@@ -57,12 +58,19 @@ def _early_handler(signum, _frame) -> None:
     _early.append(signum)
 
 
+def _ignored(s: int) -> bool:
+    """SIGINT ignored by whoever started us (``nohup``, a shell's background job ``&``): it stays ignored,
+    as POSIX asks of a program that handles it."""
+    return s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN
+
+
 def catch_early_signals() -> None:
     """Call first thing in main(): a SIGUSR1/SIGTERM during start-up (imports, model build, index build,
     checkpoint load) is remembered instead of killing the process, and honoured at the first step; a
     SIGINT raises Interrupted (main() turns it into one line and exit code 130)."""
     for s in SIGNALS:
-        signal.signal(s, _early_handler)
+        if not _ignored(s):
+            signal.signal(s, _early_handler)
 
 
 class StopOnSignal(Callback):
@@ -100,7 +108,7 @@ class StopOnSignal(Callback):
                 log.warning("received %s: will checkpoint at the end of the step under way (or the next) and stop",
                             name)
 
-        self._previous = {s: signal.signal(s, handler) for s in self.signals}
+        self._previous = {s: signal.signal(s, handler) for s in self.signals if not _ignored(s)}
 
     def pre_optim_step(self, trainer) -> None:
         if self.pending:  # the loop all-reduces this at the end of the step: every rank stops at the same one
