@@ -393,3 +393,17 @@ def test_te_recompute_under_fp8_matches_no_recompute(single_process_group):
 
 if __name__ == "__main__":
     _amax_worker()
+
+
+def test_preflight_refuses_fp8_that_cannot_run_here_in_one_line():
+    """TE's route without TE or CUDA fails at start-up with the reason, before any model is built."""
+    from loopmoe.parallel.fp8 import fp8_unavailable_reason
+    from loopmoe.train.preflight import PreflightError, check_fp8
+
+    cfg = load_config(None, ["train.precision=fp8", "model.linear_backend=te"])
+    if fp8_unavailable_reason(cfg, probe=False) is None:
+        pytest.skip("Transformer Engine and CUDA are both here: TE's FP8 can run")
+    with pytest.raises(PreflightError, match=r"train.precision=fp8 cannot run here: .+") as e:
+        check_fp8(cfg)
+    assert "\n" not in str(e.value)
+    check_fp8(load_config(None, ["train.precision=bf16"]))  # nothing to say without FP8

@@ -124,7 +124,9 @@ def detect_env() -> DistEnv:
         local = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         # A port derived from the job id, so two jobs sharing a node do not collide.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        # 10000-32767: below Linux's default ephemeral range (32768+), where a port may be taken by any
+        # outgoing connection (slurm/common.sh derives the templates' port the same way)
+        env.setdefault("MASTER_PORT", str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 22768))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return DistEnv(rank, world, local, "slurm")
     if "PMI_SIZE" in env or "PMIX_RANK" in env:  # other MPI launchers (MPICH, Intel MPI, PMIx)

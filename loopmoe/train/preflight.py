@@ -98,6 +98,16 @@ def check_resume(cfg: Config) -> str | None:
         raise PreflightError(str(e)) from None
 
 
+def check_fp8(cfg: Config) -> None:
+    """train.precision=fp8 on a route that cannot run here (TE without CUDA or not installed, torchao
+    missing): one line now, not a traceback from the model build."""
+    from loopmoe.parallel.fp8 import fp8_unavailable_reason
+
+    reason = fp8_unavailable_reason(cfg, probe=False)  # no device probe: the device is not chosen yet
+    if reason:
+        raise PreflightError(f"train.precision=fp8 cannot run here: {reason}")
+
+
 def preflight(cfg: Config, layout, resume: bool = True) -> str | None:
     """Run every check (``layout`` from parallel.layout.validate_layout: world size, TP/PP/EP divisibility
     are checked there); return the checkpoint tag to resume from, or None. ``resume=False`` leaves the
@@ -106,4 +116,5 @@ def preflight(cfg: Config, layout, resume: bool = True) -> str | None:
     vocab, _ = check_tokenizer_file(cfg)
     check_data(cfg, vocab)
     check_ds_config(cfg, layout.dp)
+    check_fp8(cfg)
     return check_resume(cfg) if resume else None
