@@ -95,20 +95,18 @@ def run(args: argparse.Namespace) -> int:
         print(commented_yaml(cfg), end="")  # YAML with each field's meaning as a comment
         return 0
     from loopmoe.train import setup
-    from loopmoe.tokenizer_fingerprint import TokenizerMismatch
     from loopmoe.train.preflight import PreflightError, preflight
 
     # The launcher's rank (process groups come later): the preflight's warnings go to the run's log format.
     setup.setup_logging(launcher_rank())
-    try:  # data, tokenizer, DeepSpeed config, checkpoint: before process groups, model or engine exist
-        resume_tag = preflight(cfg, layout)
-        check_before_writing(cfg, resume_tag)
-    except (PreflightError, ConfigError, TokenizerMismatch) as e:  # ResumeConfigError is a ConfigError
+    try:  # data, tokenizer, DeepSpeed config: before process groups, model or engine exist
+        preflight(cfg, layout, resume=False)  # the checkpoint: in train(), its digests split across the ranks
+    except (PreflightError, ConfigError) as e:
         say_once(f"input error: {e}")
         return 2
     from loopmoe.parallel.distributed import shutdown
 
-    rc = train(cfg, layout, resume_tag)
+    rc = train(cfg, layout)
     shutdown()  # after train() returned: its model, engine and groups' users are gone, the groups go now
     return rc
 
@@ -127,11 +125,10 @@ def check_before_writing(cfg, resume_tag: str | None) -> None:
                           "its tokenizer cannot be checked (re-run data_tools/preprocess.py to add one)",
                           ", ".join(unrecorded))
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.run_dir, "checkpoints")
-    # checkpoint.allow_schedule_change: a field of config.py's CheckpointConfig (False where it is absent)
-    check_resume_config(cfg, ckpt_dir, resume_tag, getattr(cfg.checkpoint, "allow_schedule_change", False))
+    check_resume_config(cfg, ckpt_dir, resume_tag, cfg.checkpoint.allow_schedule_change)
 
 
-def train(cfg, layout, resume_tag: str | None) -> int:
+def train(cfg, layout) -> int:
     """Process groups, model, engine, data; the loop. Returns the exit code."""
     from loopmoe.parallel.distributed import init_distributed
     from loopmoe.parallel.parallelize import parallelize
@@ -144,6 +141,8 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     from loopmoe.train.checkpoint import CheckpointError, Checkpointer
     from loopmoe.train.engine import build_engine
     from loopmoe.train.loop import Trainer, TrainingDiverged, TrainState
+    from loopmoe.tokenizer_fingerprint import TokenizerMismatch
+    from loopmoe.train.preflight import PreflightError, check_resume
 
     p = cfg.parallel
     denv = init_distributed(p.tp, p.pp, p.backend, p.timeout_minutes, ep=p.ep)
@@ -151,6 +150,12 @@ def train(cfg, layout, resume_tag: str | None) -> int:
     setup.setup_logging(denv.rank)
     setup.log.info("distributed: %s launcher, rank %d of %d, TP=%d PP=%d EP=%d DP=%d", denv.launcher, denv.rank,
                    denv.world_size, p.tp, p.pp, p.ep, layout.dp)
+    try:  # collective: each rank digests its share of the checkpoint's files; every rank gets the same answer
+        resume_tag = check_resume(cfg)
+        check_before_writing(cfg, resume_tag)  # before config.yaml is (re)written
+    except (PreflightError, ConfigError, TokenizerMismatch) as e:  # ResumeConfigError is a ConfigError
+        say_once(f"input error: {e}")
+        return 2
     if denv.is_main:  # per-rank memory estimate of this layout; a warning when it exceeds the device
         from loopmoe.memory import log_estimate
         log_estimate(cfg, layout, setup.log)

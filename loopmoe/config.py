@@ -151,6 +151,7 @@ class CheckpointConfig:
     interval: int = 500  # save every N steps (and at the end, and on a signal)
     keep_last: int = 3  # older checkpoints are deleted
     resume: Literal["latest", "latest_intact", "none", True, False] = "latest"  # latest: the step <dir>/latest names (damaged = error naming the newest intact step); latest_intact: fall back to the newest intact step with a WARNING; none: start fresh; true/false = latest/none
+    allow_schedule_change: bool = False  # at resume: accept a changed train.steps / optim.* (the LR schedule restarts from the new settings at the resume step; logged with the LR before and after)
 
 
 @dataclass

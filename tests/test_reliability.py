@@ -92,10 +92,12 @@ def test_each_bad_input_is_one_line_before_any_heavy_work(tmp_path, token_data):
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, token_data) -> str:
-    """A run directory with checkpoints at steps 1, 2, 3 (latest = 3), each with its manifest."""
+    """A run directory with checkpoints at steps 1, 2, 3 (latest = 3), each with its manifest: a 5-step run
+    stopped at step 3 (train.exit_interval), so the tests resume it under the same schedule (a changed
+    train.steps is refused at resume)."""
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    train(run, token_data["prefix"], token_data["tok"], "train.steps=3", "checkpoint.interval=1",
-          "checkpoint.keep_last=3")
+    train(run, token_data["prefix"], token_data["tok"], "train.steps=5", "train.exit_interval=3",
+          "checkpoint.interval=1", "checkpoint.keep_last=3")
     return str(run)
 
 
@@ -179,12 +181,13 @@ def test_no_intact_step_says_start_fresh(tmp_path, saved_run):
 def test_pretrain_refuses_a_damaged_checkpoint_then_falls_back_when_asked(tmp_path, saved_run, token_data):
     run = _copy_run(saved_run, tmp_path)
     _truncate(_shard(os.path.join(run, "checkpoints", "step_00000003")))
-    out = train(run, token_data["prefix"], token_data["tok"], "train.steps=4", check=False)
+    out = train(run, token_data["prefix"], token_data["tok"], "train.steps=5", "train.exit_interval=4", check=False)
     line = one_line_error(out, "input error")
     assert "step 3" in line and ".distcp" in line and "step is 2" in line
-    assert "distributed:" not in out.stdout  # refused before the process group and the model
+    assert "run directory" not in out.stdout  # refused after the process group, before config.yaml and the model
     assert (open(os.path.join(run, "checkpoints", "latest")).read().strip()) == "step_00000003"  # untouched
-    out = train(run, token_data["prefix"], token_data["tok"], "train.steps=4", "checkpoint.resume=latest_intact")
+    out = train(run, token_data["prefix"], token_data["tok"], "train.steps=5", "train.exit_interval=4",
+                "checkpoint.resume=latest_intact")
     warning = [ln for ln in out.stdout.splitlines() if "DAMAGED" in ln]
     assert warning and "WARNING" in warning[0] and "step 2" in warning[0]
     assert "resumed from" in out.stdout and "step_00000002" in out.stdout

@@ -94,7 +94,7 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, token_prefix):
     import psutil
 
     run = tmp_path / "run"
-    train(run, *token_prefix, "train.steps=2", "checkpoint.interval=1")
+    train(run, *token_prefix, "train.steps=100000", "train.exit_interval=2", "checkpoint.interval=1")
     cmd = [sys.executable, "pretrain_loopmoe.py", "--config", "configs/tiny_loopmoe.yaml", *SMALL,
            f"data.prefixes={token_prefix[0]}", f"data.tokenizer_model={token_prefix[1]}", "model.vocab_size=1024",
            f"logging.run_dir={run}", "train.steps=100000", "checkpoint.interval=1", "checkpoint.keep_last=2"]
@@ -121,5 +121,5 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, token_prefix):
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
     latest = (ckpt / "latest").read_text().strip()
     assert (ckpt / latest).is_dir()
-    out = train(run, *token_prefix, f"train.steps={int(latest.split('_')[1]) + 1}")
+    out = train(run, *token_prefix, "train.steps=100000", f"train.exit_interval={int(latest.split('_')[1]) + 1}")
     assert "resumed from" in out.stdout and latest in out.stdout

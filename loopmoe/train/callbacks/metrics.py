@@ -81,6 +81,14 @@ def memory_text(rec: dict) -> str:
     return f"mem {rec['mem_gib']:.2f} GiB"
 
 
+def eta_text(seconds: float) -> str:
+    """'1h05m', '4m10s', '12s': the time left at the current pace, for piped logs (no progress bar there)."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class MetricsLogger(Callback):
     priority = 20  # after the callbacks that record metrics (validation), before the checkpoint
     def __init__(self, run_dir: str, train_flops_per_token: float, peak_tflops: float, tensorboard: bool,
@@ -96,6 +104,7 @@ class MetricsLogger(Callback):
         self.bar = None
         self.want_bar = progress_bar and self.is_main and sys.stderr.isatty()
         self._interval_tokens = 0.0
+        self._interval_steps = 0  # steps since the last line: time per step and the ETA come from them
         self._interval_start = time.perf_counter()
 
     def on_train_start(self, trainer) -> None:
@@ -107,19 +116,23 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, trainer, metrics) -> None:
         self._interval_tokens += metrics["tokens"]
+        self._interval_steps += 1
         step = trainer.state.step
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        is_log_step = step % trainer.cfg.train.log_interval == 0 or step == trainer.cfg.train.steps
+        # step 1 always: the first line (and the LR curve's first point) comes at once, not log_interval later
+        is_log_step = step % trainer.cfg.train.log_interval == 0 or step in (1, trainer.cfg.train.steps)
         has_val = any(k.startswith("val/") for k in metrics)
         if not (is_log_step or has_val):
             return
         elapsed = time.perf_counter() - self._interval_start
         tok_s = self._interval_tokens / max(elapsed, 1e-9)
-        self._interval_tokens, self._interval_start = 0.0, time.perf_counter()
+        step_s = elapsed / max(self._interval_steps, 1)  # wall time per step over the interval (as Megatron's elapsed time per iteration)
+        self._interval_tokens, self._interval_steps, self._interval_start = 0.0, 0, time.perf_counter()
         tflops = self.flops_per_token * tok_s / self.n_devices / 1e12
         rec = {"step": step, **{k: v for k, v in metrics.items() if k != "tokens"}, "tokens_per_s": tok_s,
+               "s_per_step": step_s, "eta_s": step_s * (trainer.cfg.train.steps - step),
                "tflops_per_device": tflops, "consumed_samples": trainer.state.consumed_samples}
         if self.peak > 0:
             rec["mfu"] = tflops / self.peak
@@ -131,8 +144,10 @@ class MetricsLogger(Callback):
             f.write(json.dumps(rec) + "\n")
         for sink in self.sinks:
             sink.log(rec, step)
+        mc = trainer.cfg.model  # loss = lm + lb_loss_coef * aux + z_loss_coef * z: the line shows each term's weight
         line = (f"step {step:>6}/{trainer.cfg.train.steps} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
-                f"aux {rec['lb_loss']:.3f} z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+                f"aux {rec['lb_loss']:.3f}*{mc.lb_loss_coef:g} z {rec['z_loss']:.3f}*{mc.z_loss_coef:g} | "
+                f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {step_s * 1e3:,.0f} ms/step, ETA {eta_text(rec['eta_s'])} | "
                 f"{tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s"
                 + (f" | MFU {rec['mfu']:.1%} (peak {self.peak:.3g})" if "mfu" in rec else " | MFU n/a (peak unknown)")
                 + f" | {memory_text(rec)}")
