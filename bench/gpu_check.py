@@ -357,7 +357,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    dry = args.dry_run or args.print_commands
+    dry = args.dry_run or args.print_commands or args.prepare_data  # no GPU needed for these
     if args.dry_run and not args.out:
         ap.error("--dry-run needs --out (a dry run never overwrites docs/benchmarks/gpu.md)")
     if not dry and not torch.cuda.is_available():
