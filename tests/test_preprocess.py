@@ -328,7 +328,8 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, sp, docs):
     assert run_main("--input", inp, "--tokenizer-model", tokenizer, "--output-prefix", prefix, "--workers", "1",
                     "--append-eod", "--overwrite") == 0
     assert read_back(prefix + "_text_document") == expected_tokens(sp, docs[:5], True)
-    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "x_text_document.bin", "x_text_document.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "x_text_document.bin", "x_text_document.idx",
+                                            "x_text_document.tokenizer.json"]  # and the tokenizer record
 
 
 def test_input_errors_name_the_pattern_or_file(tmp_path, tokenizer):

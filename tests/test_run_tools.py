@@ -155,7 +155,7 @@ def test_wandb_offline_run_holds_the_logged_scalars(run):
     assert len(runs) == 2, [r["dir"] for r in runs]
     history = {**runs[0]["history"], **runs[1]["history"]}
     train = {r["step"]: r for r in _metrics(run["dir"]) if "loss" in r}
-    assert sorted(history) == sorted(train) == list(range(2, 13, 2))
+    assert sorted(history) == sorted(train) == [1, *range(2, 13, 2)]  # step 1 always (the warm-up shows)
     for step, rec in train.items():
         row = history[step]
         for key in ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
@@ -173,7 +173,7 @@ def test_requeued_run_continues_the_same_wandb_run(run):
     with open(run["dir"] / "wandb_run_id") as f:
         rid = f.read().strip()
     assert [r["id"] for r in runs] == [rid, rid]
-    assert sorted(runs[0]["history"]) == [2, 4, 6]  # stopped at step 6 ...
+    assert sorted(runs[0]["history"]) == [1, 2, 4, 6]  # step 1 always; stopped at step 6 ...
     assert sorted(runs[1]["history"]) == [8, 10, 12]  # ... resumed from its checkpoint into the same run
 
 

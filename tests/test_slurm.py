@@ -397,7 +397,7 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(tmp_path, t
     first, second = log.split("SLURM_RESTART_COUNT=1", 1)
     stopped = int(re.search(r"action=requeue step=(\d+)/", first).group(1))
     assert 3 <= stopped < STEPS, first[-2000:]
-    assert "received SIGUSR1: will checkpoint and stop" in first
+    assert "received SIGUSR1: will checkpoint at the end of the step under way" in first
     assert f"resuming from step {stopped}" in second and "resumed from" in second
     assert f"== loopmoe job end: rc=0 action=done step={STEPS}/{STEPS}" in second
     assert latest(job.run_dir) == f"step_{STEPS:08d}"
