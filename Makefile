@@ -9,6 +9,10 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP  := $(VENV)/.installed
 CORPUS := data/corpus/python_docs.jsonl
 PYTEST_ARGS ?=
+# pytest-xdist workers: 3 on 2 cores, because most long tests wait on subprocesses (Slurm jobs, torchrun
+# worlds, a collective time-out) rather than compute; whole files per worker (module fixtures are shared).
+PYTEST_WORKERS ?= 3
+XDIST  := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: setup corpus demo test test-fast bench bench-real gpu-wheels gpu-check slurm-up clean help
 
@@ -34,10 +38,10 @@ demo: setup corpus  ## train a tiny LoopMoE on the CPU, export it and print a sa
 	@bash scripts/demo.sh
 
 test: setup corpus  ## the test suite (CPU)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup corpus  ## the test suite without the slow tests
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # A Megatron-LM checkout at tag core_v0.16.1 (outside the repository), for bench/preprocess.py.
 MEGATRON_LM ?= /tmp/megatron-lm

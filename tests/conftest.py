@@ -133,3 +133,17 @@ def assert_grads_match_one_process(model, ref_grads: dict, rank: int, tp: int, m
         elif getattr(p, "sequence_parallel", False):  # grads of a sequence shard: sum over TP
             dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
         torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"{n} {msg}")
+
+
+# The files whose tests take longest (minutes of subprocesses: Slurm jobs, torchrun worlds, trained fixtures),
+# heaviest first. `make test` runs the suite on several pytest-xdist workers with --dist loadfile, which hands
+# out whole files in collection order: starting with these keeps one long file from running alone at the end.
+HEAVY_FIRST = ["test_slurm", "test_launchers", "test_reliability", "test_train", "test_bf16", "test_parallel",
+               "test_te_layout", "test_reshard", "test_export", "test_analysis", "test_resume_verify_e2e",
+               "test_gpu_check", "test_recompute", "test_ctrl_c", "test_group_timeouts", "test_resume_verify",
+               "test_moe", "test_grouped_experts", "test_eval", "test_fp8", "test_memory", "test_run_tools"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.stem, len(rank)))  # stable: file order kept inside each file
