@@ -308,28 +308,15 @@ def _accumulation_check(cfg, layout, module, engine, trainer, batches) -> dict:
 
 def _build(name, zero, precision, ep, pp=1, ds_config=None):
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from loopmoe.parallel.groups import create_expert_groups
-    from loopmoe.parallel.layout import validate_layout
-    from loopmoe.parallel.parallelize import parallelize
-    from loopmoe.train.engine import build_engine
-    from loopmoe.train.setup import build_model
-    from tests.test_parallel_harness import make_config, perturb_adaln
+    from tests.test_parallel_harness import build_layout, make_config
 
     world = dist.get_world_size()
     cfg = make_config(1, pp, ep, False, zero, world // pp, steps=STEPS)
     cfg.train.precision, cfg.model.aux_free_bias = precision, True
     if ds_config is not None:
         cfg.train.ds_config = ds_config
-    layout = validate_layout(cfg, world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=pp)
-    if ep > 1:
-        create_expert_groups(ep)
-    model = build_model(cfg, layout)
-    perturb_adaln(model)
-    module = parallelize(model, cfg, layout)
-    engine, _, _ = build_engine(module, cfg, layout)
+    layout, module, engine = build_layout(cfg, world)
     return cfg, layout, module, engine
 
 

@@ -114,6 +114,29 @@ class CountReductions:
             setattr(dist, op, fn)
 
 
+def build_layout(cfg, world: int):
+    """What pretrain_loopmoe.py builds for ``cfg`` at ``world`` ranks (the process group already exists):
+    megatron's groups, the expert groups, the model (IterAdaLN perturbed off zero), parallelize, the engine.
+    Returns (layout, module, engine)."""
+    from megatron.core import parallel_state as ps
+
+    from loopmoe.parallel.groups import create_expert_groups
+    from loopmoe.parallel.layout import validate_layout
+    from loopmoe.parallel.parallelize import parallelize
+    from loopmoe.train.engine import build_engine
+    from loopmoe.train.setup import build_model
+
+    layout = validate_layout(cfg, world)
+    ps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp)
+    if cfg.parallel.ep > 1:
+        create_expert_groups(cfg.parallel.ep)
+    model = build_model(cfg, layout)
+    perturb_adaln(model)
+    module = parallelize(model, cfg, layout)
+    engine, _, _ = build_engine(module, cfg, layout)
+    return layout, module, engine
+
+
 def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step=None, save_at=None,
                save_dir=None, resume_from=None, recompute="none") -> dict:
     """Train under a layout (every rank calls it); returns {"loss": [per step run], "grads": {router and
@@ -125,26 +148,15 @@ def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step
     from megatron.core import parallel_state as ps
 
     from loopmoe.config import to_dict
-    from loopmoe.parallel.groups import create_expert_groups, destroy_expert_groups
-    from loopmoe.parallel.layout import validate_layout
-    from loopmoe.parallel.parallelize import parallelize
+    from loopmoe.parallel.groups import destroy_expert_groups
     from loopmoe.parallel.pipeline import PipelineEvalModel
     from loopmoe.train.checkpoint import Checkpointer
-    from loopmoe.train.engine import build_engine
     from loopmoe.train.loop import Callback, Trainer
-    from loopmoe.train.setup import build_model
 
     world = dist.get_world_size()
     dp = world // (tp * pp)
     cfg = make_config(tp, pp, ep, sp, zero, dp, R, lb, steps, recompute)
-    layout = validate_layout(cfg, world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if ep > 1:
-        create_expert_groups(ep)
-    model = build_model(cfg, layout)
-    perturb_adaln(model)
-    module = parallelize(model, cfg, layout)
-    engine, _, _ = build_engine(module, cfg, layout)
+    layout, module, engine = build_layout(cfg, world)
     first = 0
     if resume_from is not None:
         first = Checkpointer(resume_from).load(engine)["step"]
@@ -184,7 +196,8 @@ def run_layout(name, tp, pp, ep, sp, zero, R=2, lb=True, steps=STEPS, count_step
     out = {"loss": losses, "grad_norm": norms, "grads": {k: v for g in everyone for k, v in g.items()}}
     if counter is not None:
         out["counts"], out["n_params"] = counter.seen, sum(p.numel() for p in module.parameters())
-    del trainer, engine, model
+    del trainer, engine
+    module = None  # the last reference to the model: it goes before its expert groups do
     destroy_expert_groups()
     ps.destroy_model_parallel()
     print(f"rank {dist.get_rank()}: {name} losses {losses}", flush=True)

@@ -56,11 +56,6 @@ def is_partitioned(opt) -> bool:
         "train.zero_stage=1 or 2 (see loopmoe/train/zero_state.py)")
 
 
-def _is_zero(opt) -> bool:
-    """DeepSpeedZeroOptimizer only (the attribute checkpoint.py reads); prefer ``is_partitioned``."""
-    return isinstance(opt, _wrappers()[0])
-
-
 def _base_optimizer(opt):
     return opt.optimizer if is_partitioned(opt) else opt
 
@@ -74,11 +69,14 @@ def _groups(opt) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
     return list(zip(opt.bit16_groups, opt.single_partition_of_fp32_groups))
 
 
-def _link_state(opt, step: float | None = None) -> None:
+def link_state(opt, step: float | None = None) -> None:
     """Make the base optimizer's AdamW state exist for every flat partition (zeros at ``step``, what AdamW's
     lazy init would make, when the optimizer has not stepped yet; ``step=None`` = 0) and point every
     parameter's fragment at it (DeepSpeed links them only after the wrapper's first step, and forgets the
-    link when it rebuilds its mappings). Cheap: narrow views only."""
+    link when it rebuilds its mappings): once before reading or writing many parameters' states (it walks
+    every partition). A plain optimizer needs nothing."""
+    if not is_partitioned(opt):
+        return
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
     state = opt.optimizer.state
@@ -97,7 +95,8 @@ def _link_state(opt, step: float | None = None) -> None:
 
 def _get_state(opt, p, key: str | None) -> torch.Tensor:
     """The full fp32 state ``key`` (None = master weight) of parameter ``p`` on this rank (collective for a
-    wrapper: every rank of the partition group calls it in the same order)."""
+    wrapper: every rank of the partition group calls it in the same order). A wrapper's state must be
+    linked first (``link_state``, once for all parameters)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if not is_partitioned(opt):
@@ -105,7 +104,6 @@ def _get_state(opt, p, key: str | None) -> torch.Tensor:
             return p.detach().float().clone()
         st = opt.state.get(p, {})
         return st[key].float().clone() if key in st else torch.zeros_like(p, dtype=torch.float32)
-    _link_state(opt)
     full = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if full is None:
         raise UnsupportedOptimizer(f"checkpoint: a parameter of shape {tuple(p.shape)} is not in "
@@ -115,8 +113,9 @@ def _get_state(opt, p, key: str | None) -> torch.Tensor:
 
 def _set_state(opt, p, key: str | None, value: torch.Tensor, step: float) -> None:
     """Write the full fp32 state ``key`` (None = master weight) of ``p``: this rank's fragment under a
-    wrapper (no collective), the whole tensor for a plain optimizer. A fresh optimizer's AdamW state is
-    created at ``step`` first (every partition at once, so the ones holding no fragment here agree)."""
+    wrapper (no collective, after ``link_state(opt, step)``: a fresh optimizer's AdamW state is created at
+    ``step`` there, every partition at once, so the ones holding no fragment here agree), the whole tensor
+    for a plain optimizer."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if not is_partitioned(opt):
@@ -129,7 +128,6 @@ def _set_state(opt, p, key: str | None, value: torch.Tensor, step: float) -> Non
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st[key].copy_(value.view_as(p))
         return
-    _link_state(opt, step)
     value = value.to(device=p.device, dtype=torch.float32)
     if key is None:
         safe_set_full_fp32_param(p, value)
@@ -150,7 +148,7 @@ def finish_load(opt, step: float) -> None:
         if "step" in st:
             st["step"] = torch.tensor(float(step), dtype=torch.float32)
     if is_partitioned(opt):
-        _link_state(opt, step)
+        link_state(opt, step)
 
 
 def _optimizer_step(opt) -> float:
